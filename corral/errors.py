@@ -1,0 +1,314 @@
+"""One exception hierarchy for Corral. Every message says what to do next.
+
+::
+
+    CorralError
+      SpecError                    file, field path, what it got, what it expects
+      LifecycleError
+        IllegalTransition          state and event named; nothing changed
+      SupervisionError
+        RestartLimitExceeded       too many restarts in the window; the supervisor gave up
+      SandboxError
+        SandboxUnavailable         the tier cannot run on this machine
+        SpawnError                 a worker process could not be started
+        LimitExceeded              an agent went over a resource limit (memory, cpu, ...)
+      WireError
+        LocalProtocolError         Corral broke the wire protocol (a bug in Corral)
+        RemoteProtocolError        the agent broke the wire protocol
+          FrameTooLarge            a frame's length prefix is over max_frame_size
+      AgentError
+        AgentNotFound              no agent of that name is applied
+        AgentUnavailable           the agent has no live instance to take the task
+        HandlerNotFound            the agent has no handler of that name
+        TaskFailed                 the handler raised; the agent stays up
+        TaskTimeout                the task ran past its deadline and was cancelled
+        Backpressure               a bounded queue is full; retry later
+      StoreError                   the embedded store failed
+      ControlError
+        RuntimeNotRunning          no runtime answers on the control socket
+
+`tests/unit/test_errors.py` walks ``CorralError.__subclasses__()`` to keep this tree true.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = [
+    "AgentError",
+    "AgentNotFound",
+    "AgentUnavailable",
+    "Backpressure",
+    "ControlError",
+    "CorralError",
+    "FrameTooLarge",
+    "HandlerNotFound",
+    "IllegalTransition",
+    "LifecycleError",
+    "LimitExceeded",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "RestartLimitExceeded",
+    "RuntimeNotRunning",
+    "SandboxError",
+    "SandboxUnavailable",
+    "SpawnError",
+    "SpecError",
+    "StoreError",
+    "SupervisionError",
+    "TaskFailed",
+    "TaskTimeout",
+    "WireError",
+    "agent_context",
+    "error_from_info",
+]
+
+
+class CorralError(Exception):
+    """Base of every error Corral raises on purpose."""
+
+    #: Default advice, used when the raiser gives none.
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        self.message = message
+        if hint is not None:
+            self.hint = hint
+        self.agent: str | None = None
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        where = f"agent {self.agent!r}: " if self.agent else ""
+        advice = f" ({self.hint})" if self.hint else ""
+        return f"{where}{self.message}{advice}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able form, used by the control socket and the CLI's -o json."""
+        return {"type": type(self).__name__, "message": self.message, "hint": self.hint,
+                "agent": self.agent}
+
+
+class SpecError(CorralError):
+    """A manifest or config is invalid; nothing from the set was applied."""
+
+    hint = "fix the manifest and apply it again; nothing was applied"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | None = None,
+        path: str | None = None,
+        got: Any = None,
+        expected: str | None = None,
+        hint: str | None = None,
+        problems: list[SpecError] | None = None,
+    ) -> None:
+        self.file = file
+        self.path = path
+        self.got = got
+        self.expected = expected
+        self.problems: list[SpecError] = problems or []
+        super().__init__(message, hint=hint)
+
+    def __str__(self) -> str:
+        if self.problems:
+            lines = [f"{len(self.problems)} problem(s); nothing was applied:"]
+            lines += [f"  - {p.describe()}" for p in self.problems]
+            return "\n".join(lines)
+        return self.describe()
+
+    def describe(self) -> str:
+        """One line: file, field path, what it got and what it expects."""
+        parts = []
+        if self.file:
+            parts.append(self.file)
+        if self.path:
+            parts.append(self.path)
+        head = ": ".join(parts)
+        body = self.message
+        if self.expected is not None:
+            body += f"; expected {self.expected}"
+        if self.got is not None:
+            body += f", got {self.got!r}"
+        return f"{head}: {body}" if head else body
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["message"] = str(self)
+        d.update(file=self.file, path=self.path, expected=self.expected,
+                 got=None if self.got is None else repr(self.got),
+                 problems=[p.to_dict() for p in self.problems])
+        return d
+
+
+class LifecycleError(CorralError):
+    """A lifecycle rule was broken."""
+
+
+class IllegalTransition(LifecycleError):
+    """An event that the current lifecycle state does not accept; nothing changed."""
+
+    hint = "this is a bug in the caller: check the state before sending the event"
+
+    def __init__(self, state: object, event: object) -> None:
+        self.state = state
+        self.event = event
+        name = getattr(state, "value", state)
+        super().__init__(f"can't handle event {type(event).__name__} in state {name}")
+
+
+class SupervisionError(CorralError):
+    """The supervisor could not keep an agent up."""
+
+
+class RestartLimitExceeded(SupervisionError):
+    """More restarts in the window than the restart policy allows; the supervisor gave up."""
+
+    hint = "read `corral logs` for the crash, fix the agent, then apply it again"
+
+
+class SandboxError(CorralError):
+    """A sandbox tier failed to start or contain an agent."""
+
+
+class SandboxUnavailable(SandboxError):
+    """The requested isolation tier cannot run on this machine."""
+
+
+class SpawnError(SandboxError):
+    """A worker process could not be started."""
+
+    hint = "check the entrypoint or command, and `corral logs` for the agent"
+
+
+class LimitExceeded(SandboxError):
+    """An agent went over a resource limit."""
+
+    def __init__(self, limit: str, value: str, message: str | None = None,
+                 *, hint: str | None = None) -> None:
+        self.limit = limit
+        self.value = value
+        super().__init__(message or f"{limit} limit exceeded ({value})",
+                         hint=hint or f"raise resources.{limit} in the manifest or use less")
+
+
+class WireError(CorralError):
+    """The runtime<->agent wire protocol failed."""
+
+
+class LocalProtocolError(WireError):
+    """Corral itself broke the wire protocol: a bug in Corral."""
+
+    hint = "this is a bug in Corral; please report it"
+
+
+class RemoteProtocolError(WireError):
+    """The agent broke the wire protocol; the supervisor stops it."""
+
+    hint = "fix the agent's wire protocol implementation (see docs/wire-protocol.md)"
+
+
+class FrameTooLarge(RemoteProtocolError):
+    """A frame's length prefix is larger than max_frame_size."""
+
+
+class AgentError(CorralError):
+    """A task could not be carried out by its agent."""
+
+
+class AgentNotFound(AgentError):
+    """No agent of that name is applied."""
+
+    hint = "list agents with `corral get agents`, or apply the manifest first"
+
+
+class AgentUnavailable(AgentError):
+    """The agent exists but has no live instance that can take the task."""
+
+    hint = "check `corral describe agent NAME`; it may be restarting, stopped or given up"
+
+
+class HandlerNotFound(AgentError):
+    """The agent has no handler of that name."""
+
+    hint = "see the agent's handlers in `corral describe agent NAME`"
+
+
+class TaskFailed(AgentError):
+    """The handler raised; the error is reported and the agent stays up."""
+
+    def __init__(self, message: str, *, error_type: str = "Exception", traceback: str = "",
+                 hint: str | None = None) -> None:
+        self.error_type = error_type
+        self.traceback = traceback
+        super().__init__(message, hint=hint)
+
+
+class TaskTimeout(AgentError):
+    """The task ran past its deadline and was cancelled."""
+
+    hint = "raise resources.taskTimeout or the request's timeout, or make the handler faster"
+
+
+class Backpressure(AgentError):
+    """A bounded queue is full; the task was refused rather than dropped."""
+
+    hint = "retry later, add replicas, or raise spec.mailbox"
+
+
+class StoreError(CorralError):
+    """The embedded store failed to read or write."""
+
+    hint = "check the disk and permissions of CORRAL_HOME"
+
+
+class ControlError(CorralError):
+    """The control socket failed."""
+
+
+class RuntimeNotRunning(ControlError):
+    """No runtime answers on the control socket."""
+
+    hint = "start one with `corral up` (or `make run`), or set CORRAL_HOME to its home"
+
+
+_BY_NAME: dict[str, type[CorralError]] = {}
+
+
+def _index(cls: type[CorralError]) -> None:
+    _BY_NAME[cls.__name__] = cls
+    for sub in cls.__subclasses__():
+        _index(sub)
+
+
+def error_from_info(error_type: str, message: str, *, hint: str = "", traceback: str = "",
+                    agent: str | None = None) -> CorralError:
+    """Rebuild a Corral error from its wire form; unknown types become TaskFailed."""
+    if not _BY_NAME:
+        _index(CorralError)
+    cls = _BY_NAME.get(error_type)
+    err: CorralError
+    if cls is None or cls is TaskFailed:
+        err = TaskFailed(message, error_type=error_type, traceback=traceback, hint=hint or None)
+    elif cls is LimitExceeded:
+        err = LimitExceeded("resource", "", message, hint=hint or None)
+    elif cls is IllegalTransition or issubclass(cls, SpecError):
+        err = CorralError(message, hint=hint or None)
+    else:
+        err = cls(message, hint=hint or None)
+    err.agent = agent
+    return err
+
+
+@contextmanager
+def agent_context(agent: str) -> Iterator[None]:
+    """Attach ``.agent`` to any CorralError raised inside, like httpx's request_context."""
+    try:
+        yield
+    except CorralError as exc:
+        if exc.agent is None:
+            exc.agent = agent
+        raise

@@ -1,0 +1,44 @@
+"""Where a runtime keeps its state, and the knobs that are not per-agent."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["RuntimeConfig", "default_home"]
+
+
+def default_home() -> Path:
+    """CORRAL_HOME, or ~/.corral."""
+    env = os.environ.get("CORRAL_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".corral"
+
+
+@dataclass
+class RuntimeConfig:
+    """Runtime-wide settings; every wait has a bound here."""
+
+    home: Path = field(default_factory=default_home)
+    #: SQLite synchronous mode: NORMAL survives a crash of the runtime; FULL also a power cut.
+    synchronous: str = "NORMAL"
+    #: How long agents get to finish in-flight work at shutdown before they are killed.
+    shutdown_grace: float = 5.0
+    #: How many times a durable `send` is delivered before it is marked failed.
+    max_send_attempts: int = 3
+    #: How long a cancelled task may take to stop before its instance is killed as hung.
+    cancel_grace: float = 2.0
+    #: How often resource usage of live instances is sampled (off the event loop).
+    sample_interval: float = 5.0
+    #: Use cgroups where the machine allows (False: rlimits only).
+    use_cgroups: bool = True
+
+    @property
+    def store_path(self) -> Path:
+        """The SQLite database."""
+        return self.home / "corral.db"
+
+    @property
+    def socket_path(self) -> Path:
+        """The control socket the CLI talks to (mode 0600)."""
+        return self.home / "corral.sock"

@@ -1,0 +1,616 @@
+"""Runtime: the facade. apply, get, list, describe, request, send, scale, stop, delete, stats.
+
+``async with Runtime() as rt:`` opens the store, rebuilds state from its events, restarts
+persistent agents, re-queues durable work, and runs the background loops in one
+TaskGroup it owns. Leaving the block drains work, stops every agent and closes all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.machinery
+import itertools
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from corral.core.lifecycle import Crashed, InitFailed, State
+from corral.core.queue import Priority
+from corral.errors import (
+    AgentNotFound,
+    Backpressure,
+    CorralError,
+    SandboxUnavailable,
+    SpecError,
+    StoreError,
+)
+from corral.runtime.agent import AgentController
+from corral.runtime.config import RuntimeConfig
+from corral.runtime.instance import Instance
+from corral.runtime.projection import Projection
+from corral.runtime.scheduler import Scheduler
+from corral.runtime.supervision import SupervisionGroup
+from corral.runtime.work import Work
+from corral.sandbox.base import Channel
+from corral.sandbox.cgroups import CgroupManager, CgroupSupport, detect
+from corral.sandbox.inproc import InprocLauncher
+from corral.sandbox.process import ProcessLauncher
+from corral.sandbox.zygote_client import Zygote
+from corral.spec.loader import load_paths, validate_set
+from corral.spec.models import AgentManifest
+from corral.store.records import LogRecord, TaskRecord
+from corral.store.sqlite import SQLiteStore
+from corral.wire.messages import Schedule, Send
+
+__all__ = ["Counters", "Runtime"]
+
+log = logging.getLogger("corral")
+
+_TIERS_LATER = {
+    "namespace": "isolation 'namespace' (bubblewrap) is not available in this version; "
+                 "use isolation: process",
+    "gvisor": "isolation 'gvisor' (runsc) is not available in this version; use isolation: process",
+}
+
+
+class Counters:
+    """Runtime-wide counters (seed 004's statistics)."""
+
+    def __init__(self) -> None:
+        self.spawned = 0
+        self.started_at = time.time()
+
+
+class Runtime:
+    """The control plane of one Corral node."""
+
+    def __init__(self, config: RuntimeConfig | None = None, *, home: str | Path | None = None,
+                 **overrides: Any) -> None:
+        cfg = config or RuntimeConfig()
+        if home is not None:
+            cfg.home = Path(home)
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        self.config = cfg
+        self.store = SQLiteStore(cfg.store_path, synchronous=cfg.synchronous)
+        self.agents: dict[str, AgentController] = {}
+        self.groups: dict[str, SupervisionGroup] = {}
+        self.counters = Counters()
+        self.scheduler = Scheduler(self)
+        self.zygote = Zygote()
+        self.cgroup_support = CgroupSupport.none("not detected yet")
+        self._ids = itertools.count(1)
+        self._tg: asyncio.TaskGroup | None = None
+        self._loops: list[asyncio.Task[None]] = []
+        self._followers: dict[str, set[asyncio.Queue[LogRecord | None]]] = {}
+        self._process: ProcessLauncher | None = None
+        self._inproc: InprocLauncher | None = None
+        self._closing = False
+        self._log_seq = itertools.count(1)
+
+    # ================================================================ lifecycle of the runtime
+
+    async def __aenter__(self) -> Runtime:
+        self.config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self.store.open()
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        try:
+            if self.config.use_cgroups:
+                self.cgroup_support = await asyncio.to_thread(detect)
+            manager = None
+            if self.cgroup_support.version != "none":
+                prefix = "corral-" + uuid.uuid5(uuid.NAMESPACE_URL, str(self.config.home.resolve())).hex[:10]
+                manager = CgroupManager(self.cgroup_support, prefix=prefix)
+                await asyncio.to_thread(manager.cleanup_stale)
+            self._process = ProcessLauncher(self.zygote, manager, self.cgroup_support, self.spawn)
+            self._inproc = InprocLauncher(self.spawn)
+            self._loops.append(self._tg.create_task(self._health_loop()))
+            self._loops.append(self._tg.create_task(self._sample_loop()))
+            await self._restore()
+        except BaseException as exc:
+            await self.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def __aexit__(self, et: Any, exc: Any, tb: Any) -> None:
+        try:
+            await self.shutdown()
+        finally:
+            for task in self._loops:
+                task.cancel()
+            try:
+                if self._tg is not None:
+                    # The body's own exception is the caller's: don't fold it into the
+                    # group's ExceptionGroup. Only our tasks' failures surface here.
+                    await self._tg.__aexit__(None, None, None)
+            finally:
+                await self.zygote.close()
+                await self.store.close()
+
+    async def shutdown(self) -> None:
+        """Drain and stop every agent (bounded by shutdown_grace), then persist."""
+        if self._closing:
+            return
+        self._closing = True
+        self.scheduler.close()
+        await asyncio.gather(*(a.stop_all("runtime shutdown") for a in self.agents.values()))
+        for q in (q for qs in self._followers.values() for q in qs):
+            _offer(q, None)
+        await self.store.commit()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` as a task owned by the runtime's TaskGroup."""
+        if self._tg is None:
+            coro.close()
+            raise CorralError("the runtime is not running", hint="use `async with Runtime() as rt:`")
+        self._tg.create_task(coro)
+
+    async def _restore(self) -> None:
+        proj = Projection().fold(await self.store.events())
+        for rec in proj.agents.values():
+            try:
+                manifest = AgentManifest.from_dict(rec.manifest).with_origin(rec.source, rec.base_dir)
+            except ValueError as exc:
+                log.error("stored manifest of %s no longer validates: %s", rec.name, exc)
+                continue
+            for inst, state in rec.instances.items():
+                # Those instances died with the previous runtime; say so in their history.
+                event = InitFailed if state is State.INITIALIZING else Crashed
+                if state not in (State.TERMINATED, State.FAILED):
+                    self.store.append_event(rec.name, "instance.transition", {
+                        "instance": inst, "event": event.__name__, "from": state.value,
+                        "to": State.FAILED.value, "reason": "the runtime stopped unexpectedly"})
+            ctl = self._new_controller(manifest, rec.generation)
+            ctl.replicas, ctl.stopped, ctl.gave_up = rec.replicas, rec.stopped, rec.gave_up
+            ctl.restarts = rec.restarts
+            await self._load_memory(ctl)
+            self._start_controller(ctl)
+        pending = await self.store.pending_tasks()
+        for t in pending:
+            ctl = self.agents.get(t.agent)
+            if ctl is None:
+                self.store.finish_task(t.id, "failed", error="agent no longer exists")
+                continue
+            work = Work(next(self._ids), t.handler, t.payload, t.sender, t.kind,
+                        Priority(t.priority), ctl.spec.resources.task_timeout, task_id=t.id,
+                        attempts=t.attempts + (1 if t.status == "running" else 0))
+            try:
+                ctl.submit(work)
+            except CorralError as exc:
+                self.store.finish_task(t.id, "failed", error=str(exc))
+        if proj.agents or pending:
+            log.info("restored %d agent(s) and %d queued task(s)", len(proj.agents), len(pending))
+        await self.store.commit()
+
+    # ================================================================ apply
+
+    async def apply(self, manifests: Sequence[AgentManifest] | Sequence[str | Path],
+                    *, wait: bool = False, timeout: float | None = None) -> list[dict[str, str]]:
+        """Create or update agents; an invalid set applies nothing. Returns per-agent outcomes."""
+        self._check_open()
+        items: list[AgentManifest] = (
+            load_paths(manifests) if manifests and not isinstance(manifests[0], AgentManifest)  # type: ignore[arg-type]
+            else list(manifests))  # type: ignore[arg-type]
+        problems = validate_set(items) + [p for m in items for p in self._check(m)]
+        if problems:
+            raise SpecError("invalid manifests", problems=problems)
+        outcomes: list[dict[str, str]] = []
+        changed: list[AgentManifest] = []
+        for m in items:
+            old = self.agents.get(m.name)
+            if old is not None and old.manifest.to_dict() == m.to_dict() \
+                    and old.manifest.base_dir == m.base_dir:
+                outcomes.append({"agent": m.name, "action": "unchanged"})
+                continue
+            changed.append(m)
+            outcomes.append({"agent": m.name, "action": "configured" if old else "created"})
+        for m in changed:
+            old = self.agents.get(m.name)
+            gen = old.generation + 1 if old else 1
+            self.store.append_event(m.name, "agent.applied", {
+                "manifest": m.to_dict(), "base_dir": m.base_dir, "source": m.source,
+                "generation": gen})
+        await self.store.commit()
+        for m in changed:
+            old = self.agents.get(m.name)
+            carried: list[Work] = []
+            if old is not None:
+                carried = old.mailbox.drain()
+                await self._remove_controller(old, "reconfigured")
+            ctl = self._new_controller(m, old.generation + 1 if old else 1)
+            if old is not None:
+                ctl.memory, ctl.restarts = old.memory, old.restarts
+            else:
+                await self._load_memory(ctl)
+            self._start_controller(ctl)
+            for work in carried:
+                ctl.submit(work)
+        if wait:
+            await self.wait_ready([m.name for m in changed], timeout=timeout)
+        return outcomes
+
+    def _check(self, m: AgentManifest) -> list[SpecError]:
+        """Runtime-level checks: can this machine run the manifest as written?"""
+        spec, src = m.spec, m.source or m.name
+        out: list[SpecError] = []
+        if spec.mode == "event-driven":
+            out.append(SpecError("mode 'event-driven' arrives with the message bus and is not "
+                                 "available yet", file=src, path="spec.mode", got=spec.mode,
+                                 expected="persistent, ephemeral or scheduled"))
+        if spec.isolation in _TIERS_LATER:
+            out.append(SpecError(_TIERS_LATER[spec.isolation], file=src, path="spec.isolation",
+                                 got=spec.isolation, expected="inproc or process"))
+        base = m.base_dir
+        if spec.entrypoint:
+            paths = [os.path.normpath(os.path.join(base, p)) for p in spec.python_path] or [base]
+            top = spec.entrypoint.split(":")[0].split(".")[0]
+            if importlib.machinery.PathFinder.find_spec(top, paths + sys.path) is None:
+                out.append(SpecError(f"module {top!r} not found", file=src, path="spec.entrypoint",
+                                     got=spec.entrypoint,
+                                     expected=f"a module importable from {paths} or sys.path "
+                                              "(set spec.pythonPath)"))
+        if spec.command:
+            cwd = os.path.normpath(os.path.join(base, spec.workdir or "."))
+            exe = spec.command[0]
+            found = shutil.which(exe) if os.sep not in exe else (
+                exe if os.path.isabs(exe) else os.path.join(cwd, exe))
+            if not found or not os.access(found, os.X_OK):
+                out.append(SpecError(f"command {exe!r} not found or not executable",
+                                     file=src, path="spec.command[0]", got=exe,
+                                     expected="a program on PATH or a path relative to spec.workdir"))
+            if not os.path.isdir(cwd):
+                out.append(SpecError("workdir does not exist", file=src, path="spec.workdir",
+                                     got=cwd, expected="an existing folder"))
+        group_key = self._group_key(m)
+        g = self.groups.get(group_key)
+        if g is not None and g.strategy.value != spec.restart.strategy and \
+                not (len(g.members) and all(i.agent.name == m.name for i in g.members.values())):
+            out.append(SpecError(f"restart group {group_key!r} already uses strategy "
+                                 f"{g.strategy.value}", file=src, path="spec.restart.strategy",
+                                 got=spec.restart.strategy, expected=g.strategy.value))
+        return out
+
+    def _group_key(self, m: AgentManifest) -> str:
+        g = m.spec.restart.group
+        return f"{m.namespace}/{g}" if g else f"agent:{m.name}"
+
+    def _new_controller(self, m: AgentManifest, generation: int) -> AgentController:
+        ctl = AgentController(self, m, generation=generation)
+        if not ctl.one_shot:
+            key = self._group_key(m)
+            group = self.groups.get(key)
+            if group is None or not group.members:
+                group = self.groups[key] = SupervisionGroup(key, m.spec.restart)
+            ctl.group = group
+        self.agents[m.name] = ctl
+        return ctl
+
+    def _start_controller(self, ctl: AgentController) -> None:
+        ctl.reconcile()
+        sched = ctl.spec.schedule
+        if ctl.spec.mode == "scheduled" and sched is not None and not ctl.stopped:
+            self.scheduler.ensure(ctl, [Schedule(sched.handler, cron=sched.cron)], sched.payload)
+
+    async def _load_memory(self, ctl: AgentController) -> None:
+        ctl.memory = dict(await self.store.memory(ctl.name))
+
+    async def _remove_controller(self, ctl: AgentController, reason: str) -> None:
+        self.scheduler.remove_agent(ctl.name)
+        await ctl.stop_all(reason)
+        if self.agents.get(ctl.name) is ctl:
+            del self.agents[ctl.name]
+
+    async def wait_ready(self, names: Sequence[str], *, timeout: float | None = None) -> None:
+        """Wait until each named persistent agent has all replicas Ready; raise the first failure."""
+        async def one(name: str) -> None:
+            ctl = self._agent(name)
+            if ctl.one_shot:
+                return
+            for inst in list(ctl.instances.values()):
+                while True:
+                    try:
+                        await asyncio.shield(inst.ready)
+                        break
+                    except CorralError:
+                        # A restart may still bring it up; give up only when the supervisor does.
+                        if ctl.gave_up or inst.removed or inst.state is State.TERMINATED:
+                            raise
+                        await asyncio.sleep(0.05)
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*(one(n) for n in names))
+
+    # ================================================================ work
+
+    async def request(self, name: str, payload: Any = None, *, handler: str = "",
+                      timeout: float | None = None, priority: str | None = None,
+                      sender: str = "client") -> Any:
+        """Send a task and wait for its result; raises TaskFailed, TaskTimeout, ..."""
+        ctl = self._agent(name)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        work = Work(next(self._ids), handler, payload, sender, "request",
+                    Priority.parse(priority) if priority else ctl.priority,
+                    timeout or ctl.spec.resources.task_timeout, future=fut)
+        ctl.submit(work)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            ctl.abandon(work)
+            raise
+
+    async def send(self, name: str, payload: Any = None, *, handler: str = "",
+                   priority: str | None = None, sender: str = "client") -> str:
+        """Queue a one-way task durably (it survives a crash of the runtime); returns its id."""
+        ctl = self._agent(name)
+        if len(ctl.mailbox) >= ctl.mailbox.maxsize:
+            raise Backpressure(f"mailbox of {name!r} is full ({ctl.mailbox.maxsize} tasks)")
+        prio = Priority.parse(priority) if priority else ctl.priority
+        task_id = uuid.uuid4().hex
+        self.store.put_task(TaskRecord(task_id, name, handler, payload, int(prio), "send", sender,
+                                       "queued", time.time()))
+        await self.store.commit()
+        work = Work(next(self._ids), handler, payload, sender, "send", prio,
+                    ctl.spec.resources.task_timeout, task_id=task_id)
+        try:
+            ctl.submit(work)
+        except CorralError as exc:
+            self.store.finish_task(task_id, "failed", error=str(exc))
+            raise
+        return task_id
+
+    def submit_scheduled(self, ctl: AgentController, handler: str, payload: Any) -> None:
+        """Queue one scheduled run."""
+        ctl.submit(Work(next(self._ids), handler, payload, "scheduler", "scheduled", ctl.priority,
+                        ctl.spec.resources.task_timeout))
+
+    async def route_send(self, inst: Instance, msg: Send) -> None:
+        """An agent's one-way message to another agent."""
+        try:
+            await self.send(msg.to, msg.payload, handler=msg.handler, sender=inst.agent.name)
+        except CorralError as exc:
+            self.log(inst.agent.name, inst.name, "error", f"send to {msg.to!r} failed: {exc}")
+
+    async def task(self, task_id: str) -> TaskRecord | None:
+        """A durable task's record (status, result)."""
+        return await self.store.task(task_id)
+
+    # ================================================================ control
+
+    async def scale(self, name: str, replicas: int) -> None:
+        """Set the number of replicas (0 stops the agent but keeps it applied)."""
+        if not 0 <= replicas <= 10_000:
+            raise SpecError("replicas out of range", path="replicas", got=replicas,
+                            expected="0..10000")
+        ctl = self._agent(name)
+        ctl.replicas, ctl.stopped, ctl.gave_up = replicas, False, None
+        if ctl.group is not None:
+            ctl.group.gave_up = None
+            ctl.group.state = type(ctl.group.state).new(
+                ctl.group.strategy, ctl.spec.restart.max_restarts, ctl.spec.restart.window,
+                ctl.group.state.children)
+            for inst in list(ctl.instances.values()):
+                if inst.state is State.TERMINATED and not inst.removed:
+                    inst.removed = True
+        self.store.append_event(name, "agent.scaled", {"replicas": replicas})
+        await self.store.commit()
+        ctl.reconcile()
+
+    async def stop(self, name: str) -> None:
+        """Stop every instance; the agent stays applied (scale it to start again)."""
+        ctl = self._agent(name)
+        ctl.stopped = True
+        self.store.append_event(name, "agent.stopped", {})
+        await self.store.commit()
+        await ctl.stop_all("stopped")
+
+    async def delete(self, name: str, *, purge: bool = False) -> None:
+        """Stop and remove an agent; ``purge`` also drops its persistent memory."""
+        ctl = self._agent(name)
+        await self._remove_controller(ctl, "deleted")
+        for work in ctl.mailbox.drain():
+            ctl.fail(work, AgentNotFound(f"agent {name!r} was deleted"))
+        self.store.append_event(name, "agent.deleted", {"purge": purge})
+        if purge:
+            self.store.clear_memory(name)
+        await self.store.commit()
+
+    # ================================================================ views
+
+    def agent_or_none(self, name: str) -> AgentController | None:
+        """The controller of ``name``, if applied."""
+        return self.agents.get(name)
+
+    def _agent(self, name: str) -> AgentController:
+        ctl = self.agents.get(name)
+        if ctl is None:
+            raise AgentNotFound(f"no agent named {name!r}")
+        return ctl
+
+    def _check_open(self) -> None:
+        if self._tg is None or self._closing:
+            raise CorralError("the runtime is not running", hint="use `async with Runtime() as rt:`")
+
+    def get(self, name: str) -> dict[str, Any]:
+        """One agent's summary row."""
+        return self._row(self._agent(name))
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every agent's summary row, by name."""
+        return [self._row(a) for _, a in sorted(self.agents.items())]
+
+    def _row(self, a: AgentController) -> dict[str, Any]:
+        done = a.tasks_ok + a.tasks_failed
+        return {
+            "name": a.name, "namespace": a.manifest.namespace, "mode": a.spec.mode,
+            "isolation": a.spec.isolation, "status": a.status(),
+            "ready": f"{a.ready_count()}/{a.replicas if not a.one_shot else len(a.instances)}",
+            "restarts": a.restarts, "age": round(time.time() - a.created, 1),
+            "tasks": done, "failed": a.tasks_failed, "queued": len(a.mailbox),
+            "gave_up": a.gave_up,
+        }
+
+    async def describe(self, name: str) -> dict[str, Any]:
+        """Everything about one agent: spec, instances, limits and how they are enforced, events."""
+        a = self._agent(name)
+        insts = list(a.instances.values())
+        samples = await asyncio.to_thread(lambda: [i.channel.sample() if i.channel else {}
+                                                   for i in insts])
+        now = asyncio.get_running_loop().time()
+        enforcement = self._enforcement(a)
+        events = await self.store.events(agent=name)
+        return {
+            **self._row(a),
+            "labels": dict(a.manifest.metadata.labels), "priority": a.spec.priority,
+            "entrypoint": a.spec.entrypoint, "command": a.spec.command,
+            "source": a.manifest.source, "generation": a.generation,
+            "replicas": a.replicas, "concurrency": a.spec.concurrency,
+            "mailbox": {"depth": len(a.mailbox), "peak": a.mailbox.peak, "max": a.mailbox.maxsize},
+            "restart": a.spec.restart.model_dump(by_alias=True),
+            "limits": [e.to_dict() for e in enforcement],
+            "schedules": [{"handler": h, "next_run": t} for (n, h), t in
+                          self.scheduler.next_runs.items() if n == name],
+            "stats": self._agent_stats(a),
+            "instances": [{
+                "name": i.name, "state": i.state.value, "pid": i.channel.pid if i.channel else None,
+                "tier": i.channel.tier if i.channel else a.spec.isolation,
+                "restarts": i.restarts, "inflight": len(i.inflight),
+                "handlers": i.handlers,
+                "uptime": round(now - i.ready_at, 1) if i.ready_at and i.channel else None,
+                "last_exit": i.last_exit.describe() if i.last_exit else None,
+                "resources": s,
+            } for i, s in zip(insts, samples, strict=True)],
+            "events": [{"seq": e.seq, "ts": e.ts, "kind": e.kind, **e.data}
+                       for e in events[-25:] if e.kind != "agent.applied"],
+        }
+
+    def _enforcement(self, a: AgentController) -> list[Any]:
+        if a.spec.isolation == "inproc":
+            assert self._inproc is not None
+            return self._inproc.enforcement(a.limits)
+        assert self._process is not None
+        return self._process.enforcement(a.limits)
+
+    def _agent_stats(self, a: AgentController) -> dict[str, Any]:
+        done = a.tasks_ok + a.tasks_failed
+        return {"tasks_executed": done, "tasks_succeeded": a.tasks_ok,
+                "tasks_failed": a.tasks_failed,
+                "success_rate": round(a.tasks_ok / done, 4) if done else None,
+                "avg_task_ms": round(a.task_time / done * 1000, 3) if done else None}
+
+    def stats(self) -> dict[str, Any]:
+        """Seed 004's runtime statistics, plus per-agent ones."""
+        ok = sum(a.tasks_ok for a in self.agents.values())
+        failed = sum(a.tasks_failed for a in self.agents.values())
+        t = sum(a.task_time for a in self.agents.values())
+        done = ok + failed
+        active = sum(1 for a in self.agents.values() for i in a.instances.values()
+                     if i.channel is not None)
+        return {
+            "agents": len(self.agents), "agents_spawned": self.counters.spawned,
+            "agents_active": active, "tasks_executed": done, "tasks_succeeded": ok,
+            "tasks_failed": failed, "success_rate": round(ok / done, 4) if done else None,
+            "avg_task_ms": round(t / done * 1000, 3) if done else None,
+            "uptime_s": round(time.time() - self.counters.started_at, 1),
+            "store": self.store.stats,
+            "per_agent": {a.name: self._agent_stats(a) for a in self.agents.values()},
+        }
+
+    # ================================================================ logs
+
+    def log(self, agent: str, instance: str, level: str, message: str) -> None:
+        """Record one log line of an agent and hand it to live followers."""
+        ts = time.time()
+        try:
+            self.store.append_log(agent, instance, level, message, ts)
+        except StoreError as exc:
+            log.error("cannot store log line of %s: %s", agent, exc)
+        log.log(logging.ERROR if level == "error" else logging.INFO, "[%s] %s",
+                instance or agent, message)
+        followers = self._followers.get(agent)
+        if followers:
+            rec = LogRecord(next(self._log_seq), ts, agent, instance, level, message)
+            for q in followers:
+                _offer(q, rec)
+
+    async def logs(self, name: str, *, after: int = 0, limit: int = 1000) -> list[LogRecord]:
+        """Stored log lines of an agent (also after it was deleted)."""
+        await self.store.commit()
+        return await self.store.logs(name, after=after, limit=limit)
+
+    async def follow(self, name: str) -> AsyncIterator[LogRecord]:
+        """Live log lines of an agent until the runtime stops."""
+        q: asyncio.Queue[LogRecord | None] = asyncio.Queue(maxsize=10_000)
+        self._followers.setdefault(name, set()).add(q)
+        try:
+            while (rec := await q.get()) is not None:
+                yield rec
+        finally:
+            self._followers[name].discard(q)
+
+    # ================================================================ launching
+
+    async def launch(self, ctl: AgentController, inst: Instance) -> Channel:
+        """Start one incarnation of ``inst`` in its agent's tier."""
+        spec = ctl.spec
+        if spec.isolation == "inproc":
+            assert self._inproc is not None
+            return await self._inproc.launch(instance=inst.name, sink=inst, limits=ctl.limits)
+        if spec.isolation != "process":
+            raise SandboxUnavailable(_TIERS_LATER.get(spec.isolation, spec.isolation))
+        assert self._process is not None
+        env = dict(spec.env)
+        env["CORRAL_AGENT"] = ctl.name
+        return await self._process.launch(instance=inst.name, sink=inst, limits=ctl.limits,
+                                          command=spec.command, env=env, cwd=ctl.cwd)
+
+    # ================================================================ background loops
+
+    async def _health_loop(self) -> None:
+        """Kill instances whose heartbeats stopped (hung agents); the supervisor restarts them."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.2)
+            now = loop.time()
+            for a in list(self.agents.values()):
+                timeout = a.spec.health.heartbeat_timeout
+                for i in list(a.instances.values()):
+                    ch = i.channel
+                    if ch is None or ch.tier == "inproc" or i.state in (State.INITIALIZING,
+                                                                        State.TERMINATED):
+                        continue
+                    silent = now - i.last_heartbeat
+                    if silent > timeout:
+                        self.log(a.name, i.name, "error",
+                                 f"hung: no heartbeat for {silent:.1f}s (heartbeatTimeout "
+                                 f"{timeout:g}s); killing it")
+                        ch.kill("hung", f"no heartbeat for {silent:.1f}s")
+                        i.last_heartbeat = now
+
+    async def _sample_loop(self) -> None:
+        """Sample live instances' resources with psutil, off the event loop."""
+        while True:
+            await asyncio.sleep(self.config.sample_interval)
+            insts = [i for a in self.agents.values() for i in a.instances.values()
+                     if i.channel is not None and i.channel.tier != "inproc"]
+            if not insts:
+                continue
+            samples = await asyncio.to_thread(
+                lambda: [i.channel.sample() if i.channel else {} for i in insts])
+            for i, s in zip(insts, samples, strict=True):
+                i.sample = s
+
+
+def _offer(q: asyncio.Queue[Any], item: Any) -> None:
+    # A slow follower loses its oldest lines, never blocks the runtime.
+    while True:
+        try:
+            q.put_nowait(item)
+            return
+        except asyncio.QueueFull:
+            q.get_nowait()

@@ -1,0 +1,189 @@
+"""The typed messages of the runtime<->agent wire protocol, one tagged union per direction.
+
+Evolution rules (docs/wire-protocol.md): tags never change, new fields get defaults,
+existing field types never change. Anything that breaks these bumps PROTOCOL_VERSION.
+Unknown fields are ignored by both sides, so old peers read new messages.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "Cancel",
+    "Deliver",
+    "ErrorInfo",
+    "Heartbeat",
+    "Hello",
+    "Init",
+    "InitError",
+    "Log",
+    "MemorySave",
+    "Ready",
+    "Reply",
+    "Request",
+    "Result",
+    "Schedule",
+    "Send",
+    "Shutdown",
+    "Stats",
+    "ToRuntime",
+    "ToWorker",
+]
+
+#: Bumped only by a change that breaks the evolution rules above.
+PROTOCOL_VERSION = 1
+
+
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """An error carried on the wire: its type name, message and optional traceback."""
+
+    type: str
+    message: str
+    traceback: str = ""
+    hint: str = ""
+
+
+class Schedule(msgspec.Struct, frozen=True):
+    """A periodic handler the agent declares: exactly one of interval (seconds) or cron."""
+
+    handler: str
+    interval: float | None = None
+    cron: str | None = None
+
+
+# ---------------------------------------------------------------- agent -> runtime
+
+
+class Hello(msgspec.Struct, frozen=True, tag="hello"):
+    """First frame from the agent: which protocol it speaks."""
+
+    protocol_version: int
+    pid: int = 0
+    sdk: str = ""
+
+
+class Ready(msgspec.Struct, frozen=True, tag="ready"):
+    """The agent is initialised: its handlers and schedules."""
+
+    handlers: list[str] = []
+    schedules: list[Schedule] = []
+
+
+class InitError(msgspec.Struct, frozen=True, tag="init_error"):
+    """The agent failed to initialise; the runtime records Failed and supervises."""
+
+    error: ErrorInfo
+
+
+class Result(msgspec.Struct, frozen=True, tag="result"):
+    """The outcome of one Deliver, matched by id. ok=False carries error."""
+
+    id: int
+    ok: bool
+    payload: Any = None
+    error: ErrorInfo | None = None
+
+
+class Send(msgspec.Struct, frozen=True, tag="send"):
+    """The agent sends a one-way message to another agent by name."""
+
+    to: str
+    payload: Any = None
+    handler: str = ""
+
+
+class Request(msgspec.Struct, frozen=True, tag="request"):
+    """The agent asks another agent and waits for a Reply with the same id."""
+
+    id: int
+    to: str
+    payload: Any = None
+    handler: str = ""
+    timeout: float | None = None
+
+
+class Heartbeat(msgspec.Struct, frozen=True, tag="heartbeat"):
+    """Sent by the agent every heartbeat interval while its event loop is alive."""
+
+    seq: int = 0
+
+
+class Log(msgspec.Struct, frozen=True, tag="log"):
+    """One log line from the agent."""
+
+    message: str
+    level: str = "info"
+
+
+class Stats(msgspec.Struct, frozen=True, tag="stats"):
+    """Self-reported counters from the agent (the runtime also samples the process)."""
+
+    tasks: int = 0
+    errors: int = 0
+
+
+class MemorySave(msgspec.Struct, frozen=True, tag="memory"):
+    """Persistent memory values that changed; the runtime stores them."""
+
+    values: dict[str, Any] = {}
+
+
+ToRuntime = Hello | Ready | InitError | Result | Send | Request | Heartbeat | Log | Stats | MemorySave
+
+
+# ---------------------------------------------------------------- runtime -> agent
+
+
+class Init(msgspec.Struct, frozen=True, tag="init"):
+    """Answer to Hello: who the agent is, its config and its persistent memory."""
+
+    agent: str
+    instance: str
+    entrypoint: str = ""
+    config: dict[str, Any] = {}
+    memory: dict[str, Any] = {}
+    heartbeat_interval: float = 1.0
+    #: Extra import paths for the entrypoint (Python agents).
+    python_path: list[str] = []
+    #: Seconds since each persistent memory value was saved, for TTLs.
+    memory_age: dict[str, float] = {}
+
+
+class Deliver(msgspec.Struct, frozen=True, tag="deliver"):
+    """One task for the agent. The agent answers with a Result of the same id."""
+
+    id: int
+    handler: str
+    payload: Any = None
+    sender: str = ""
+    kind: Literal["send", "request", "scheduled"] = "request"
+    timeout: float | None = None
+
+
+class Reply(msgspec.Struct, frozen=True, tag="reply"):
+    """Answer to the agent's own Request of the same id."""
+
+    id: int
+    ok: bool
+    payload: Any = None
+    error: ErrorInfo | None = None
+
+
+class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
+    """Cancel the Deliver of this id (its deadline passed or the caller gave up)."""
+
+    id: int
+    reason: str = "timeout"
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag="shutdown"):
+    """Finish in-flight work within grace seconds, save memory, and exit."""
+
+    grace: float = 5.0
+
+
+ToWorker = Init | Deliver | Reply | Cancel | Shutdown
