@@ -110,18 +110,21 @@ def _yaml_problem(exc: yaml.YAMLError, text: str, source: str) -> SpecError:
     return SpecError(message, file=source, expected="valid YAML")
 
 
-def _parse(text: str, source: str) -> list[Any]:
-    """All documents of a YAML text, empty ones as None; raises SpecError."""
+def _parse(text: str, source: str) -> tuple[list[Any], SpecError | None]:
+    """The documents of a YAML text (empty ones as None) up to the first YAML error, if any."""
+    docs: list[Any] = []
     try:
-        return list(yaml.load_all(text, Loader=_Loader))
+        for doc in yaml.load_all(text, Loader=_Loader):
+            docs.append(doc)
     except yaml.YAMLError as exc:
-        raise _yaml_problem(exc, text, source) from None
+        return docs, _yaml_problem(exc, text, source)
     except RecursionError:
-        raise SpecError("YAML is nested too deeply", file=source,
-                        expected=f"at most {_MAX_DEPTH} levels") from None
+        return docs, SpecError("YAML is nested too deeply", file=source,
+                               expected=f"at most {_MAX_DEPTH} levels")
     except Exception as exc:  # e.g. int() refusing a 5000-digit number
-        raise SpecError(f"YAML could not be read: {exc}", file=source,
-                        expected="valid YAML") from None
+        return docs, SpecError(f"YAML could not be read: {exc}", file=source,
+                               expected="valid YAML")
+    return docs, None
 
 
 # -- plain-data check ----------------------------------------------------------------------
@@ -348,15 +351,13 @@ def _validate(doc: Any, source: str, base_dir: str) -> tuple[Manifest | None, li
 
 def _load_documents(text: str, source: str, base_dir: str) -> tuple[list[Manifest],
                                                                       list[SpecError]]:
-    try:
-        docs = _parse(text, source)
-    except SpecError as exc:
-        return [], [exc]
+    docs, broken = _parse(text, source)
     numbered = [(i, doc) for i, doc in enumerate(docs, start=1) if doc is not None]
+    many = len(numbered) + (broken is not None) > 1
     manifests: list[Manifest] = []
     problems: list[SpecError] = []
     for number, doc in numbered:
-        where = f"{source}#{number}" if len(numbered) > 1 else source
+        where = f"{source}#{number}" if many else source
         try:
             manifest, found = _validate(doc, where, base_dir)
         except Exception as exc:  # a last line of defence: report, never crash
@@ -365,6 +366,8 @@ def _load_documents(text: str, source: str, base_dir: str) -> tuple[list[Manifes
         problems += found
         if manifest is not None:
             manifests.append(manifest)
+    if broken is not None:
+        problems.append(broken)  # its line and column locate it in the file
     return manifests, problems
 
 
@@ -419,8 +422,8 @@ def _decode(data: bytes, source: str) -> str:
                         expected="UTF-8 text") from None
 
 
-def load_text(text: str | bytes, source: str = "<stdin>", base_dir: str = ".") -> list[
-        AgentManifest]:
+def load_text(text: str | bytes, source: str = "<stdin>",
+              base_dir: str = ".") -> list[AgentManifest]:
     """Manifests from YAML text (one or more documents); raises one SpecError on problems."""
     base = os.path.abspath(base_dir)
     try:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import struct
 from enum import Enum
-from typing import Any, Final, TypeAlias
+from typing import Any, Final, Literal, TypeAlias
 
 import msgspec
 
@@ -89,16 +89,17 @@ class ConnState(Enum):
     ERROR = "ERROR"  # a protocol error; nothing more can be received or sent
 
 
-class _NeedData:
-    __slots__ = ()
+class _Sentinel(Enum):
+    NEED_DATA = "NEED_DATA"
 
     def __repr__(self) -> str:
-        return "NEED_DATA"
+        return self.value
 
 
 #: Returned by ``next_message`` when a whole message is not buffered yet. If the state is
-#: then ``CLOSED``, the peer has closed and no message will ever come.
-NEED_DATA: Final = _NeedData()
+#: then ``CLOSED``, the peer has closed and no message will ever come. An enum member, so
+#: ``if msg is NEED_DATA: ...`` narrows the type for mypy.
+NEED_DATA: Final = _Sentinel.NEED_DATA
 
 
 class ConnectionClosed:
@@ -133,7 +134,7 @@ TRANSITIONS: Final[dict[Role, dict[ConnState, dict[type[Any], ConnState]]]] = {
         _S.READYING: {},
         _S.READY: {Deliver: _S.READY, Reply: _S.READY, Cancel: _S.READY, Shutdown: _S.CLOSING},
         _S.CLOSING: {Reply: _S.CLOSING, Cancel: _S.CLOSING, ConnectionClosed: _S.CLOSED},
-        _S.CLOSED: {},
+        _S.CLOSED: {ConnectionClosed: _S.CLOSED},
         _S.ERROR: {},
     },
 }  # fmt: skip
@@ -225,7 +226,7 @@ class Connection:
             self._state = ConnState.ERROR
             raise
 
-    def next_message(self) -> Message | _NeedData:
+    def next_message(self) -> Message | Literal[_Sentinel.NEED_DATA]:
         """Return the next received message, or NEED_DATA.
 
         Raises RemoteProtocolError (and moves to ERROR) for a bad frame, a message that does

@@ -41,8 +41,10 @@ WAIT = 10.0  # seconds any single expected message may take
 if NODE is None:
     if os.environ.get("CORRAL_REQUIRE_SERVICES") == "1":
         pytest.fail("node is not on PATH and CORRAL_REQUIRE_SERVICES=1", pytrace=False)
-    pytest.skip("node (Node.js) is not on PATH; install Node.js 18+ to run the JavaScript agent test",
-                allow_module_level=True)
+    pytest.skip(
+        "node (Node.js) is not on PATH; install Node.js 18+ to run the JavaScript agent test",
+        allow_module_level=True,
+    )
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -62,8 +64,10 @@ class NodeAgent:
         self.chunks: queue.Queue[bytes] = queue.Queue()
         self.stderr: list[bytes] = []
         self.seen: list[Message] = []  # heartbeats, logs and stats met while waiting
-        self.pumps = [threading.Thread(target=self._pump_stdout, daemon=True),
-                      threading.Thread(target=self._pump_stderr, daemon=True)]
+        self.pumps = [
+            threading.Thread(target=self._pump_stdout, daemon=True),
+            threading.Thread(target=self._pump_stderr, daemon=True),
+        ]
         for t in self.pumps:
             t.start()
 
@@ -89,7 +93,7 @@ class NodeAgent:
         while True:
             msg = self.conn.next_message()
             if msg is not NEED_DATA:
-                return msg  # type: ignore[return-value]
+                return msg
             if self.conn.state is ConnState.CLOSED:
                 return None
             try:
@@ -113,7 +117,9 @@ class NodeAgent:
         hello = self.expect(Hello)
         assert hello.protocol_version == PROTOCOL_VERSION
         assert hello.pid == self.proc.pid == self.conn.peer_pid
-        self.send(Init(agent="node-echo", instance="node-echo-0", heartbeat_interval=heartbeat_interval))
+        self.send(
+            Init(agent="node-echo", instance="node-echo-0", heartbeat_interval=heartbeat_interval)
+        )
         ready: Ready = self.expect(Ready)
         assert self.conn.state is ConnState.READY
         return ready

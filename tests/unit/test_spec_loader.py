@@ -439,3 +439,11 @@ def test_random_mutations_of_a_valid_manifest(data: st.DataObject) -> None:
         if not isinstance(doc, dict):
             break
     _expect_manifests_or_spec_error(yaml.safe_dump(doc))
+
+
+def test_yaml_error_in_a_later_document_keeps_earlier_problems() -> None:
+    text = agent("a", replicas="-1") + "---\n" + agent("b") + "---\nmetadata: {name: c\n"
+    problems = problems_of(text, "late.yaml")
+    assert [(p.file, p.path) for p in problems] == [("late.yaml#1", "spec.replicas"),
+                                                    ("late.yaml", None)]
+    assert problems[1].message.startswith("line 15, column 1: ")

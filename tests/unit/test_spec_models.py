@@ -107,7 +107,7 @@ def test_with_origin_leaves_the_original_alone() -> None:
 
 
 def test_kinds() -> None:
-    assert KINDS == {"Agent": AgentManifest}
+    assert list(KINDS) == ["Agent"] and KINDS["Agent"] is AgentManifest
 
 
 @pytest.mark.parametrize("name", ["a", "my-agent", "a1", "1a", "x" * 63])

@@ -1,0 +1,1 @@
+"""Corral benchmarks: ``python -m bench.run`` (see bench/README.md)."""

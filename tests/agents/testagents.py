@@ -1,0 +1,108 @@
+"""Agents the integration tests run, one behaviour each."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from datetime import timedelta
+
+from corral import Agent, Message, Result, handler, memory, scheduled
+
+
+@Agent(name="echo")
+class Echo:
+    @handler
+    async def echo(self, msg: Message) -> dict:
+        return {"echo": msg.content, "pid": os.getpid(), "sender": msg.sender}
+
+    @handler
+    async def boom(self, msg: Message) -> None:
+        raise ValueError(f"bad input: {msg.content!r}")
+
+    @handler
+    async def refuse(self, msg: Message) -> Result:
+        return Result.failure("not today", error_type="Refused")
+
+    @handler
+    async def crash(self, msg: Message) -> None:
+        os._exit(3)
+
+    @handler
+    async def nap(self, msg: Message) -> str:
+        await asyncio.sleep(float(msg.content))
+        return "rested"
+
+    @handler
+    def block(self, msg: Message) -> str:
+        time.sleep(float(msg.content))  # blocks the worker's event loop: no heartbeats
+        return "woke"
+
+    @handler
+    async def hog(self, msg: Message) -> int:
+        chunks = []
+        for _ in range(int(msg.content)):
+            chunk = bytearray(1 << 20)
+            chunk[::4096] = b"x" * len(chunk[::4096])  # touch every page
+            chunks.append(chunk)
+        return len(chunks)
+
+
+@Agent(name="counter")
+class Counter:
+    @memory(persistent=True)
+    def state(self) -> dict:
+        return {"n": 0, "ticks": 0}
+
+    @handler
+    async def incr(self, msg: Message) -> int:
+        self.state["n"] += 1
+        return self.state["n"]
+
+    @handler
+    async def get(self, msg: Message) -> dict:
+        return dict(self.state)
+
+    @handler
+    async def crash(self, msg: Message) -> None:
+        os._exit(3)
+
+    @scheduled(interval=timedelta(milliseconds=100))
+    async def tick(self) -> None:
+        self.state["ticks"] += 1
+
+
+@Agent(name="initfail")
+class InitFail:
+    async def on_start(self) -> None:
+        raise RuntimeError("cannot start: missing config")
+
+    @handler
+    async def echo(self, msg: Message) -> object:
+        return msg.content
+
+
+@Agent(name="caller")
+class Caller:
+    @handler
+    async def relay(self, msg: Message) -> dict:
+        answer = await self.ctx.request("echo", msg.content, handler="echo")
+        return {"relayed": answer["echo"], "via": self.ctx.agent}
+
+    @handler
+    async def notify(self, msg: Message) -> str:
+        self.ctx.send("counter", None, handler="incr")
+        return "sent"
+
+
+@Agent(name="order")
+class Order:
+    @memory
+    def seen(self) -> list:
+        return []
+
+    @handler
+    async def record(self, msg: Message) -> list:
+        await asyncio.sleep(0.01)
+        self.seen.append(msg.content)
+        return list(self.seen)

@@ -1,0 +1,77 @@
+"""kill -9 of the runtime mid-work: persistent agents come back, queued tasks run, no orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+
+from corral.runtime.runtime import Runtime
+from tests.conftest import AGENTS
+
+SCRIPT = textwrap.dedent("""
+    import asyncio, json, os, sys
+    sys.path.insert(0, {root!r})
+    from corral.runtime.runtime import Runtime
+    from tests.conftest import manifest
+
+    async def main():
+        async with Runtime(home={home!r}) as rt:
+            await rt.apply([manifest("counter", "Counter", concurrency=1),
+                            manifest("echo", concurrency=1)], wait=True, timeout=30)
+            for _ in range(2):
+                await rt.request("counter", handler="incr")
+            asyncio.ensure_future(rt.request("echo", 30, handler="nap"))  # keeps echo busy
+            ids = [await rt.send("echo", i, handler="echo") for i in range(5)]
+            ids += [await rt.send("counter", None, handler="incr") for _ in range(3)]
+            pids = [i.channel.pid for a in rt.agents.values() for i in a.instances.values()]
+            print(json.dumps({{"ids": ids, "pids": pids, "zygote": rt.zygote.pid}}), flush=True)
+            await asyncio.sleep(3600)
+
+    asyncio.run(main())
+""")
+
+
+async def test_kill9_runtime_then_recover(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    root = str(Path(AGENTS).parent.parent)
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT.format(root=root, home=str(home))],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 60)  # type: ignore[union-attr]
+        info = json.loads(line)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    # The workers and the zygote die with the runtime (EOF, then PDEATHSIG).
+    async with asyncio.timeout(10):
+        while any(_alive(p) for p in [*info["pids"], info["zygote"]]):
+            await asyncio.sleep(0.05)
+
+    async with Runtime(home=home, shutdown_grace=2.0) as rt:
+        await rt.wait_ready(["counter", "echo"], timeout=30)
+        async with asyncio.timeout(30):
+            while True:
+                recs = [await rt.task(t) for t in info["ids"]]
+                if all(r is not None and r.status == "done" for r in recs):
+                    break
+                await asyncio.sleep(0.05)
+        # 2 increments before the crash + 3 queued ones after it: memory and queue both survived.
+        assert (await rt.request("counter", handler="get"))["n"] == 5
+        events = await rt.store.events(agent="echo")
+        reasons = [e.data.get("reason", "") for e in events if e.kind == "instance.transition"]
+        assert any("stopped unexpectedly" in r for r in reasons)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
