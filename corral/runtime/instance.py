@@ -346,7 +346,7 @@ class Instance:
             agent=self.agent.name, instance=self.name, entrypoint=spec.entrypoint or "",
             config=dict(spec.config), memory=memory, memory_age=ages,
             heartbeat_interval=spec.health.heartbeat_interval,
-            python_path=self.agent.python_path))
+            python_path=self.agent.python_path, restarts=self.restarts))
 
     def _on_ready(self, msg: Ready) -> None:
         self._cancel_timer()

@@ -24,10 +24,12 @@ class Context:
     """The runtime as seen from inside an agent: messaging, logging and identity."""
 
     def __init__(self, *, agent: str, instance: str, config: dict[str, Any],
-                 outbound: Outbound) -> None:
+                 outbound: Outbound, restarts: int = 0) -> None:
         self.agent = agent
         self.instance = instance
         self.config = config
+        #: How many times the supervisor restarted this instance (0 on the first start).
+        self.restarts = restarts
         self._out = outbound
 
     def send(self, to: str, payload: Any = None, *, handler: str = "") -> None:

@@ -71,7 +71,7 @@ class AgentHost:
     """One live instance of an agent class: handlers, memory, schedules and lifecycle hooks."""
 
     def __init__(self, cls: type, *, agent: str, instance: str, config: dict[str, Any],
-                 outbound: Outbound) -> None:
+                 outbound: Outbound, restarts: int = 0) -> None:
         self.cls = cls
         self.info = getattr(cls, AGENT_ATTR, None)
         self.handlers: dict[str, Callable[..., Any]] = {}
@@ -92,7 +92,8 @@ class AgentHost:
                     if mark is not None:
                         self.handlers.setdefault(attr, value)
                         self.schedules.append(Schedule(attr, mark.interval, mark.cron))
-        self.ctx = Context(agent=agent, instance=instance, config=config, outbound=outbound)
+        self.ctx = Context(agent=agent, instance=instance, config=config, outbound=outbound,
+                           restarts=restarts)
         self.instance: Any = None
         self._saved: dict[str, bytes] = {}
         self._takes_msg: dict[str, bool] = {}

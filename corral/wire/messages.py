@@ -151,6 +151,8 @@ class Init(msgspec.Struct, frozen=True, tag="init"):
     python_path: list[str] = []
     #: Seconds since each persistent memory value was saved, for TTLs.
     memory_age: dict[str, float] = {}
+    #: How many times the supervisor restarted this instance before this start.
+    restarts: int = 0
 
 
 class Deliver(msgspec.Struct, frozen=True, tag="deliver"):

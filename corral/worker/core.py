@@ -128,7 +128,7 @@ class WorkerCore:
         try:
             cls = self._cls or load_class(init.entrypoint, init.python_path)
             self.host = AgentHost(cls, agent=init.agent, instance=init.instance,
-                                  config=init.config, outbound=self)
+                                  config=init.config, outbound=self, restarts=init.restarts)
             ready = await self.host.start(init.memory, init.memory_age)
         except Exception as exc:
             self._emit(InitError(error_info(exc)))
