@@ -19,8 +19,10 @@ __all__ = [
     "log_line",
     "print_json",
     "quantity",
+    "show",
     "stats_view",
     "table",
+    "timestamp",
 ]
 
 
@@ -85,7 +87,8 @@ def agents_table(rows: Sequence[dict[str, Any]]) -> Table:
                            for r in rows))
 
 
-def _ts(ts: float | None) -> str:
+def timestamp(ts: float | None) -> str:
+    """Local time with milliseconds."""
     if ts is None:
         return "-"
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{int(ts % 1 * 1000):03d}"
@@ -107,7 +110,7 @@ def describe_agent(console: Console, d: dict[str, Any]) -> None:
     mb = d.get("mailbox") or {}
     restart = d.get("restart") or {}
     labels = ", ".join(f"{k}={v}" for k, v in (d.get("labels") or {}).items())
-    console.print(kv_table([
+    show(console, kv_table([
         ("Name", d["name"]), ("Namespace", d["namespace"]), ("Labels", labels),
         ("Source", d.get("source")), ("Generation", d.get("generation")),
         ("Mode", d["mode"]), ("Isolation", d["isolation"]),
@@ -135,14 +138,14 @@ def describe_agent(console: Console, d: dict[str, Any]) -> None:
           (i.get("resources") or {}).get("fds")] for i in insts)) if insts else None)
     scheds = d.get("schedules") or []
     _section(console, "Schedules", table(
-        ["handler", "next run"], ([s["handler"], _ts(s.get("next_run"))] for s in scheds))
+        ["handler", "next run"], ([s["handler"], timestamp(s.get("next_run"))] for s in scheds))
         if scheds else None)
     stats = d.get("stats")
     _section(console, "Stats", Text(_stats_line(stats)) if stats else None)
     events = d.get("events") or []
     _section(console, "Events", table(
         ["time", "kind", "detail"],
-        ([_ts(e.get("ts")), e.get("kind"), _event_detail(e)] for e in events))
+        ([timestamp(e.get("ts")), e.get("kind"), _event_detail(e)] for e in events))
         if events else None)
 
 
@@ -164,12 +167,12 @@ def _section(console: Console, title: str, body: Any) -> None:
     if body is None:
         console.print("  <none>")
     else:
-        console.print(body)
+        show(console, body)
 
 
 def stats_view(console: Console, s: dict[str, Any]) -> None:
     """`corral stats`: runtime totals, then one row per agent."""
-    console.print(kv_table([
+    show(console, kv_table([
         ("Agents", s["agents"]), ("Instances running", s["agents_active"]),
         ("Instances spawned", s["agents_spawned"]), ("Tasks", _stats_line(s)),
         ("Uptime", age(s.get("uptime_s"))),
@@ -186,10 +189,17 @@ def log_line(rec: dict[str, Any]) -> Text:
     """One log line: timestamp, instance, level, message."""
     level = str(rec.get("level", ""))
     style = {"error": "red", "warning": "yellow", "debug": "dim"}.get(level, "")
-    t = Text(f"{_ts(rec.get('ts'))} {rec.get('instance') or rec.get('agent', '-')} ")
+    t = Text(f"{timestamp(rec.get('ts'))} {rec.get('instance') or rec.get('agent', '-')} ")
     t.append(f"{level:<7}", style=style)
     t.append(f" {rec.get('message', '')}")
     return t
+
+
+def show(console: Console, *renderables: Any) -> None:
+    """Print like console.print, without the padding rich leaves at the end of table lines."""
+    with console.capture() as cap:
+        console.print(*renderables)
+    console.file.write("\n".join(line.rstrip() for line in cap.get().splitlines()) + "\n")
 
 
 def print_json(console: Console, value: Any) -> None:

@@ -215,6 +215,12 @@ class AgentController:
         """Keep the dispatch set in step with the lifecycle."""
         self._refresh(inst)
 
+    def on_task_done(self, inst: Instance) -> None:
+        """An instance has room again: dispatch more."""
+        self._refresh(inst)
+        if self.mailbox:
+            self.pump()
+
     def on_ready(self, inst: Instance) -> None:
         """An instance said Ready."""
         if self.group is not None and not self.one_shot:

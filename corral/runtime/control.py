@@ -176,9 +176,11 @@ def _priority(p: str | None) -> str | None:
     if p is not None:
         try:
             Priority.parse(p)
-        except ValueError as exc:
-            raise SpecError(str(exc), path="priority", got=p,
-                            expected="low, normal, high or critical") from None
+        except ValueError:
+            names = ", ".join(x.name.lower() for x in Priority)
+            raise SpecError("unknown priority", path="priority", got=p,
+                            expected=f"one of: {names}",
+                            hint=f"use one of: {names}") from None
     return p
 
 
@@ -264,7 +266,11 @@ class ControlServer:
             probe.close()
         raise self._busy()
 
-    def _unlink(self) -> None:
+    def close(self) -> None:
+        """Close the listening socket and remove its file (if it is still ours)."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         try:
             if os.stat(self.path).st_ino == self._inode:
                 self.path.unlink()
@@ -286,9 +292,7 @@ class ControlServer:
                     conn, _ = await loop.sock_accept(sock)
                     tg.create_task(self._connection(conn))
         finally:
-            sock.close()
-            self._sock = None
-            self._unlink()
+            self.close()
 
     # ------------------------------------------------------------ connections
 

@@ -55,6 +55,11 @@ if TYPE_CHECKING:
 __all__ = ["Instance"]
 
 _LIVE = (State.READY, State.RUNNING, State.WAITING)
+_READY, _RUNNING, _WAITING = State.READY, State.RUNNING, State.WAITING
+#: Seconds an instance stays Running with nothing in flight before it completes its burst
+#: of work (Running -> Completed -> Ready). Back-to-back tasks keep it Running, so a busy
+#: agent does not write three lifecycle events per task.
+IDLE_LINGER = 0.05
 
 
 class Instance:
@@ -87,6 +92,8 @@ class Instance:
         self._pending_start: float | None = None
         self._give_up: str | None = None
         self._timer: asyncio.TimerHandle | None = None
+        #: Loop time the last task finished with nothing left in flight (None while busy).
+        self.idle_since: float | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -202,7 +209,8 @@ class Instance:
         work.started = loop.time()
         self.inflight[work.id] = work
         self.used = True
-        if self.state is State.READY:
+        self.idle_since = None
+        if self.state is _READY:
             self.transition(TaskStarted(handler))
         self.channel.send(Deliver(work.id, handler, work.payload, work.sender, work.kind,  # type: ignore[arg-type]
                                   work.timeout))
@@ -243,13 +251,18 @@ class Instance:
         if not work.abandoned:
             self.agent.finish(work, msg, asyncio.get_running_loop().time() - work.started)
         if not self.inflight:
-            self._idle()
-        self.agent.pump()
+            if self.one_shot:
+                self.complete()
+            else:
+                self.idle_since = asyncio.get_running_loop().time()
+        self.agent.on_task_done(self)
 
-    def _idle(self) -> None:
-        if self.state is State.WAITING:
+    def complete(self) -> None:
+        """End a burst of work: Completed, then Ready (persistent) or Terminated (one-shot)."""
+        self.idle_since = None
+        if self.state is _WAITING and self.outstanding == 0:
             self.transition(Resumed())
-        if self.state is not State.RUNNING:
+        if self.state is not _RUNNING or self.inflight:
             return
         self.transition(TasksDone())
         if self.one_shot:
@@ -361,7 +374,7 @@ class Instance:
         self.agent.on_ready(self)
 
     async def _route_request(self, msg: Request) -> None:
-        if self.outstanding == 0 and self.state is State.RUNNING:
+        if self.outstanding == 0 and self.state is _RUNNING and self.inflight:
             self.transition(Wait(f"request to {msg.to}"))
         self.outstanding += 1
         channel = self.channel
@@ -373,7 +386,7 @@ class Instance:
             reply = _reply_error(msg.id, exc)
         finally:
             self.outstanding = max(0, self.outstanding - 1)
-            if self.outstanding == 0 and self.state is State.WAITING:
+            if self.outstanding == 0 and self.state is _WAITING:
                 self.transition(Resumed())
         if channel is not None and channel is self.channel:
             channel.send(reply)

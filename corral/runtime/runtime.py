@@ -32,7 +32,7 @@ from corral.errors import (
 )
 from corral.runtime.agent import AgentController
 from corral.runtime.config import RuntimeConfig
-from corral.runtime.instance import Instance
+from corral.runtime.instance import IDLE_LINGER, Instance
 from corral.runtime.projection import Projection
 from corral.runtime.scheduler import Scheduler
 from corral.runtime.supervision import SupervisionGroup
@@ -575,11 +575,13 @@ class Runtime:
         """Kill instances whose heartbeats stopped (hung agents); the supervisor restarts them."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.1)
             now = loop.time()
             for a in list(self.agents.values()):
                 timeout = a.spec.health.heartbeat_timeout
                 for i in list(a.instances.values()):
+                    if i.idle_since is not None and now - i.idle_since >= IDLE_LINGER:
+                        i.complete()
                     ch = i.channel
                     if ch is None or ch.tier == "inproc" or i.state in (State.INITIALIZING,
                                                                         State.TERMINATED):

@@ -1,0 +1,437 @@
+"""The `corral` command: run a runtime (`up`) and talk to it over its control socket."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import functools
+import json
+import logging
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from corral.cli import render
+from corral.cli.client import Client
+from corral.errors import CorralError, SpecError
+from corral.runtime.config import RuntimeConfig, default_home
+
+if TYPE_CHECKING:
+    from corral.spec.models import AgentManifest
+
+__all__ = ["app", "error_text", "main"]
+
+app = typer.Typer(name="corral", help="Corral: a secure runtime for AI agents.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _console(stderr: bool = False) -> Console:
+    con = Console(stderr=stderr)
+    if not con.is_terminal:  # pipes and files get long lines instead of wrapped tables
+        con = Console(stderr=stderr, width=200)
+    return con
+
+
+out = _console()
+err = _console(stderr=True)
+
+
+class Output(enum.StrEnum):
+    """Output formats."""
+
+    table = "table"
+    json = "json"
+
+
+HomeOpt = Annotated[Path | None, typer.Option(
+    "--home", help="Runtime home (default: $CORRAL_HOME or ~/.corral).", show_default=False)]
+OutputOpt = Annotated[Output, typer.Option("-o", "--output", help="table or json.")]
+_state: dict[str, Path | None] = {"home": None}
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("corral")
+_UP_APPLY_TIMEOUT = 60.0
+
+
+@app.callback()
+def _root(home: HomeOpt = None) -> None:
+    """Corral: a secure runtime for AI agents."""
+    _state["home"] = home
+
+
+def _home(home: Path | None) -> Path:
+    return (home or _state["home"] or default_home()).expanduser()
+
+
+def _client(home: Path | None, timeout: float = 30.0) -> Client:
+    return Client(RuntimeConfig(home=_home(home)).socket_path, timeout=timeout)
+
+
+def error_text(exc: CorralError) -> str:
+    """The message of an error with its hint; a multi-line message gets the hint on its own line."""
+    where = f"agent {exc.agent!r}: " if exc.agent else ""
+    text = f"{where}{exc.message if not isinstance(exc, SpecError) else exc}"
+    if exc.hint:
+        text += f"\n  ({exc.hint})" if "\n" in text else f" ({exc.hint})"
+    return text
+
+
+def _fail(exc: CorralError, output: Output | None) -> None:
+    if output is Output.json:
+        info = getattr(exc, "details", None) or exc.to_dict()
+        sys.stderr.write(json.dumps({"error": info}, indent=2, default=str) + "\n")
+    else:
+        err.print(f"error: {error_text(exc)}", style="red", markup=False, highlight=False,
+                  soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _command(fn: F) -> F:
+    """Print CorralErrors as "error: ..." (no traceback) and exit 1."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CorralError as exc:
+            _fail(exc, kwargs.get("output"))
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _payload(text: str | None) -> Any:
+    """JSON if it parses, else the text itself."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _kind(kind: str) -> None:
+    if kind.lower() not in ("agent", "agents", "ag"):
+        raise CorralError(f"unknown resource type {kind!r}", hint="try `agents`")
+
+
+def _show(output: Output, value: Any, table: Callable[[], None]) -> None:
+    if output is Output.json:
+        render.print_json(out, value)
+    else:
+        table()
+
+
+# ====================================================================== up
+
+
+@app.command()
+@_command
+def up(
+    file: Annotated[list[Path] | None, typer.Option(
+        "-f", "--file", help="Manifest file or folder to apply at start (repeatable).")] = None,
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Run the runtime in the foreground (Ctrl-C stops it)."""
+    from corral.spec.loader import load_paths
+    manifests = load_paths([str(p) for p in file]) if file else []
+    handler: logging.Handler
+    if err.is_terminal:
+        handler = RichHandler(console=err, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s", datefmt="[%X]"))
+    else:  # a file or a pipe: plain lines
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
+    raise typer.Exit(asyncio.run(_up(_home(home), manifests, output)))
+
+
+async def _up(home: Path, manifests: list[AgentManifest], output: Output) -> int:
+    """Serve until SIGINT/SIGTERM, then shut down (bounded by shutdown_grace); the exit code."""
+    from corral.runtime.control import ControlServer  # the runtime is heavy; only `up` needs it
+    from corral.runtime.runtime import Runtime
+
+    rt = Runtime(home=home)
+    server = ControlServer(rt)
+    server.bind()  # before the store opens: a second runtime on one home must not start agents
+    stop, ready = asyncio.Event(), asyncio.Event()
+    code = 0
+
+    def on_signal() -> None:
+        if stop.is_set():
+            log.warning("already stopping (agents get %gs to finish)", rt.config.shutdown_grace)
+        stop.set()
+
+    async def apply_initial() -> None:
+        nonlocal code
+        try:
+            for r in await rt.apply(manifests, wait=True, timeout=_UP_APPLY_TIMEOUT):
+                log.info("agent/%s %s", r["agent"], r["action"])
+        except TimeoutError:
+            log.error("not every agent was ready within %gs; see `corral get agents`",
+                      _UP_APPLY_TIMEOUT)
+        except SpecError as exc:
+            log.error("%s", error_text(exc))
+            code = 1
+            stop.set()
+        except CorralError as exc:
+            log.error("%s", error_text(exc))
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        async with rt, asyncio.TaskGroup() as tg:
+            serving = tg.create_task(server.serve(ready=ready))
+            await ready.wait()
+            applying = tg.create_task(apply_initial())
+            _banner(home, server.path, [m.name for m in manifests], output)
+            await stop.wait()
+            log.info("stopping: draining agents (at most %gs)", rt.config.shutdown_grace)
+            applying.cancel()
+            await rt.shutdown()  # followers get their last line while the socket still serves
+            serving.cancel()
+    finally:
+        server.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return code
+
+
+def _banner(home: Path, sock: Path, names: list[str], output: Output) -> None:
+    if output is Output.json:
+        render.print_json(out, {"home": str(home), "socket": str(sock), "pid": os.getpid()})
+        out.file.flush()
+        return
+    flag = "" if home == default_home() else f" --home {shlex.quote(str(home))}"
+    name = names[0] if names else "hello"
+    lines = [f"Corral is up (pid {os.getpid()}); control socket {sock}", "Try:"]
+    if not names:
+        lines.append(f"  corral apply{flag} -f examples/hello")
+    lines += [f"  corral get agents{flag}",
+              f"  corral request {name} '{{\"name\": \"ada\"}}'{flag}",
+              f"  corral logs -f {name}{flag}",
+              "Ctrl-C to stop."]
+    out.print("\n".join(lines), markup=False, highlight=False)
+    out.file.flush()
+
+
+# ====================================================================== apply and views
+
+
+@app.command()
+@_command
+def apply(
+    file: Annotated[list[Path], typer.Option("-f", "--file", help="Manifest file or folder.")],
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until agents are ready.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 60.0,
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Create or update agents from manifests (files or folders)."""
+    from corral.spec.loader import load_paths
+    manifests = load_paths([str(p) for p in file])
+    items = [{"manifest": m.to_dict(), "source": m.source, "base_dir": m.base_dir}
+             for m in manifests]
+    result = _client(home).call("apply", manifests=items, wait=wait,
+                                timeout=timeout if wait else None)
+    _show(output, result, lambda: [out.print(f"agent/{r['agent']} {r['action']}", markup=False,
+                                             highlight=False) for r in result])
+
+
+@app.command()
+@_command
+def get(
+    kind: Annotated[str, typer.Argument(help="agents")],
+    name: Annotated[str | None, typer.Argument(help="One agent.")] = None,
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """List agents, or show one: `corral get agents`, `corral get agent NAME`."""
+    _kind(kind)
+    c = _client(home)
+    rows = [c.call("get", name=name)] if name else c.call("list")
+    if output is Output.json:
+        render.print_json(out, rows[0] if name else rows)
+    elif not rows:
+        err.print("No agents. Apply some with `corral apply -f PATH`.", markup=False)
+    else:
+        render.show(out, render.agents_table(rows))
+
+
+@app.command()
+@_command
+def describe(
+    kind: Annotated[str, typer.Argument(help="agent")],
+    name: Annotated[str, typer.Argument(help="The agent.")],
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Everything about one agent: limits, instances, schedules, stats, events."""
+    _kind(kind)
+    d = _client(home).call("describe", name=name)
+    _show(output, d, lambda: render.describe_agent(out, d))
+
+
+@app.command()
+@_command
+def stats(home: HomeOpt = None, output: OutputOpt = Output.table) -> None:
+    """Runtime statistics: agents, instances, tasks, success rate."""
+    s = _client(home).call("stats")
+    _show(output, s, lambda: render.stats_view(out, s))
+
+
+# ====================================================================== work
+
+
+@app.command()
+@_command
+def request(
+    name: Annotated[str, typer.Argument(help="The agent.")],
+    payload: Annotated[str | None, typer.Argument(help="JSON (else sent as a string).")] = None,
+    handler: Annotated[str, typer.Option(help="Handler (default: the agent's default).")] = "",
+    timeout: Annotated[float | None, typer.Option(
+        help="Seconds (default: the agent's taskTimeout).")] = None,
+    priority: Annotated[str | None, typer.Option(help="background, low, normal, high or critical.")] = None,
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Send a task and print its result (JSON)."""
+    # Without --timeout the runtime applies the agent's taskTimeout; wait a while for it.
+    c = _client(home, timeout=30.0 if timeout is not None else 600.0)
+    result = c.call("request", name=name, payload=_payload(payload), handler=handler,
+                    timeout=timeout, priority=priority)
+    render.print_json(out, result)
+
+
+@app.command()
+@_command
+def send(
+    name: Annotated[str, typer.Argument(help="The agent.")],
+    payload: Annotated[str | None, typer.Argument(help="JSON (else sent as a string).")] = None,
+    handler: Annotated[str, typer.Option(help="Handler (default: the agent's default).")] = "",
+    priority: Annotated[str | None, typer.Option(help="background, low, normal, high or critical.")] = None,
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Queue a task durably and print its id (see `corral task ID`)."""
+    task_id = _client(home).call("send", name=name, payload=_payload(payload), handler=handler,
+                                 priority=priority)
+    _show(output, {"id": task_id}, lambda: out.print(task_id, markup=False, highlight=False))
+
+
+@app.command()
+@_command
+def task(
+    task_id: Annotated[str, typer.Argument(metavar="ID", help="From `corral send`.")],
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Show a sent task: status, result or error."""
+    t = _client(home).call("task", id=task_id)
+
+    def show() -> None:
+        render.show(out, render.kv_table([
+            ("ID", t["id"]), ("Agent", t["agent"]), ("Handler", t["handler"]),
+            ("Status", t["status"]), ("Attempts", t["attempts"]),
+            ("Created", render.timestamp(t.get("created"))),
+            ("Finished", render.timestamp(t.get("finished"))),
+            ("Error", t.get("error")),
+            ("Result", None if t.get("result") is None else json.dumps(t["result"])),
+        ]))
+    _show(output, t, show)
+
+
+@app.command()
+@_command
+def logs(
+    name: Annotated[str, typer.Argument(help="The agent.")],
+    follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new lines.")] = False,
+    tail: Annotated[int | None, typer.Option(help="Only the last N stored lines.")] = None,
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """An agent's log lines: timestamp, instance, level, message."""
+    c = _client(home)
+
+    def emit(rec: dict[str, Any]) -> None:
+        if output is Output.json:
+            out.file.write(json.dumps(rec) + "\n")
+            out.file.flush()
+        else:
+            out.print(render.log_line(rec), highlight=False, soft_wrap=True)
+    if follow:
+        for rec in c.stream("logs", name=name, tail=tail, follow=True):
+            emit(rec)
+        return
+    recs = c.call("logs", name=name, tail=tail)
+    if output is Output.json:
+        render.print_json(out, recs)
+    else:
+        for rec in recs:
+            emit(rec)
+
+
+# ====================================================================== control
+
+
+@app.command()
+@_command
+def scale(
+    name: Annotated[str, typer.Argument(help="The agent.")],
+    replicas: Annotated[int, typer.Argument(help="Number of replicas (0 stops it).")],
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Set an agent's number of replicas."""
+    _client(home).call("scale", name=name, replicas=replicas)
+    _done(output, name, f"scaled to {replicas}")
+
+
+@app.command()
+@_command
+def stop(
+    name: Annotated[str, typer.Argument(help="The agent.")],
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Stop an agent's instances; it stays applied (`corral scale NAME N` starts it)."""
+    _client(home).call("stop", name=name)
+    _done(output, name, "stopped")
+
+
+@app.command()
+@_command
+def delete(
+    name: Annotated[str, typer.Argument(help="The agent.")],
+    purge: Annotated[bool, typer.Option(help="Also drop its persistent memory.")] = False,
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Stop and remove an agent."""
+    _client(home).call("delete", name=name, purge=purge)
+    _done(output, name, "deleted" + (" (memory purged)" if purge else ""))
+
+
+def _done(output: Output, name: str, what: str) -> None:
+    _show(output, {"agent": name, "action": what},
+          lambda: out.print(f"agent/{name} {what}", markup=False, highlight=False))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the `corral` script."""
+    logging.getLogger("corral").setLevel(logging.INFO)
+    app(args=list(argv) if argv is not None else None, prog_name="corral")
+
+
+if __name__ == "__main__":
+    main()
