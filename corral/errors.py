@@ -147,6 +147,8 @@ class SpecError(CorralError):
 class LifecycleError(CorralError):
     """A lifecycle rule was broken."""
 
+    hint = "check the agent's state with `corral describe agent NAME`"
+
 
 class IllegalTransition(LifecycleError):
     """An event that the current lifecycle state does not accept; nothing changed."""
@@ -163,6 +165,8 @@ class IllegalTransition(LifecycleError):
 class SupervisionError(CorralError):
     """The supervisor could not keep an agent up."""
 
+    hint = "read `corral logs NAME` and `corral describe agent NAME` for the cause"
+
 
 class RestartLimitExceeded(SupervisionError):
     """More restarts in the window than the restart policy allows; the supervisor gave up."""
@@ -173,9 +177,13 @@ class RestartLimitExceeded(SupervisionError):
 class SandboxError(CorralError):
     """A sandbox tier failed to start or contain an agent."""
 
+    hint = "check spec.isolation and spec.resources against what this machine offers"
+
 
 class SandboxUnavailable(SandboxError):
     """The requested isolation tier cannot run on this machine."""
+
+    hint = "use isolation: process, or install what the tier needs"
 
 
 class SpawnError(SandboxError):
@@ -198,6 +206,8 @@ class LimitExceeded(SandboxError):
 class WireError(CorralError):
     """The runtime<->agent wire protocol failed."""
 
+    hint = "see docs/wire-protocol.md"
+
 
 class LocalProtocolError(WireError):
     """Corral itself broke the wire protocol: a bug in Corral."""
@@ -217,6 +227,8 @@ class FrameTooLarge(RemoteProtocolError):
 
 class AgentError(CorralError):
     """A task could not be carried out by its agent."""
+
+    hint = "see `corral logs NAME` for what the agent said"
 
 
 class AgentNotFound(AgentError):
@@ -267,6 +279,8 @@ class StoreError(CorralError):
 
 class ControlError(CorralError):
     """The control socket failed."""
+
+    hint = "check that the runtime is running and CORRAL_HOME points at it"
 
 
 class RuntimeNotRunning(ControlError):

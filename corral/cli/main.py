@@ -170,7 +170,7 @@ async def _up(home: Path, manifests: list[AgentManifest], output: Output) -> int
             log.warning("already stopping (agents get %gs to finish)", rt.config.shutdown_grace)
         stop.set()
 
-    async def apply_initial() -> None:
+    async def apply_then_banner() -> None:
         nonlocal code
         try:
             for r in await rt.apply(manifests, wait=True, timeout=_UP_APPLY_TIMEOUT):
@@ -182,8 +182,10 @@ async def _up(home: Path, manifests: list[AgentManifest], output: Output) -> int
             log.error("%s", error_text(exc))
             code = 1
             stop.set()
-        except CorralError as exc:
+            return
+        except CorralError as exc:  # e.g. an agent failed to start: the runtime stays up
             log.error("%s", error_text(exc))
+        _banner(home, server.path, [m.name for m in manifests], output)
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -192,8 +194,7 @@ async def _up(home: Path, manifests: list[AgentManifest], output: Output) -> int
         async with rt, asyncio.TaskGroup() as tg:
             serving = tg.create_task(server.serve(ready=ready))
             await ready.wait()
-            applying = tg.create_task(apply_initial())
-            _banner(home, server.path, [m.name for m in manifests], output)
+            applying = tg.create_task(apply_then_banner())
             await stop.wait()
             log.info("stopping: draining agents (at most %gs)", rt.config.shutdown_grace)
             applying.cancel()
