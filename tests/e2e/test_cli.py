@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import stat
@@ -104,8 +105,8 @@ def test_banner_and_private_socket(up: Up) -> None:
     sock = up.home / "corral.sock"
     assert stat.S_IMODE(sock.stat().st_mode) == 0o600
     assert stat.S_IMODE(up.home.stat().st_mode) == 0o700
-    out = up.output()
-    assert "corral get agents" in out and "Ctrl-C to stop" in out
+    wait_for(lambda: "Ctrl-C to stop" in up.output(), "the banner")
+    assert "corral get agents" in up.output()
 
 
 def test_apply_and_get(up: Up) -> None:
@@ -242,8 +243,19 @@ def test_sigint_stops_up_cleanly(up: Up) -> None:
     children = parent.children(recursive=True)
     assert children, "expected the zygote and a worker"
 
+    follower = subprocess.Popen([*CORRAL, "logs", "hello", "-f", "--home", str(up.home)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                                env=_env())
+    # It is connected once it printed a stored line (hello-1 ended in test_logs_and_follow).
+    assert select.select([follower.stdout], [], [], 20)[0], "the follower printed nothing"
+    first = follower.stdout.readline()  # type: ignore[union-attr]
+
     up.proc.send_signal(signal.SIGINT)
     assert up.proc.wait(10) == 0, up.output()
+    # A follower sees the runtime stop as the end of its stream, not as an error.
+    out, errs = follower.communicate(timeout=10)
+    assert follower.returncode == 0, errs.decode()
+    assert b"instance ended" in first + out
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, f"left behind: {alive}"
     assert not (up.home / "corral.sock").exists()
