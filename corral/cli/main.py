@@ -59,6 +59,7 @@ _state: dict[str, Path | None] = {"home": None}
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("corral")
 _UP_APPLY_TIMEOUT = 60.0
+_DRAIN_TIMEOUT = 2.0
 
 
 @app.callback()
@@ -198,7 +199,8 @@ async def _up(home: Path, manifests: list[AgentManifest], output: Output) -> int
             await stop.wait()
             log.info("stopping: draining agents (at most %gs)", rt.config.shutdown_grace)
             applying.cancel()
-            await rt.shutdown()  # followers get their last line while the socket still serves
+            await rt.shutdown()
+            await server.drain(_DRAIN_TIMEOUT)  # followers get their last line before we close
             serving.cancel()
     finally:
         server.close()

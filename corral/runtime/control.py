@@ -38,6 +38,7 @@ log = logging.getLogger("corral.control")
 
 #: Request lines longer than this are refused (and the connection closed).
 MAX_LINE = 16 * 1024 * 1024
+_SENT = object()  # a handler's result meaning "the answer has been sent already"
 _FOLLOW_BUFFER = 1000  # log lines waiting to go out to one follower
 _PROBE_TIMEOUT = 1.0  # how long to wait for an answer on an existing socket
 
@@ -212,6 +213,9 @@ class ControlServer:
         self.path = Path(path) if path is not None else runtime.config.socket_path
         self._sock: socket.socket | None = None
         self._inode: int | None = None
+        self._streams = 0  # live `logs --follow` streams
+        self._no_streams = asyncio.Event()
+        self._no_streams.set()
 
     # ------------------------------------------------------------ socket
 
@@ -277,6 +281,14 @@ class ControlServer:
         except FileNotFoundError:
             pass
 
+    async def drain(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until follow streams have sent their last line."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._no_streams.wait()
+        except TimeoutError:
+            log.warning("%d log follower(s) still streaming; closing them", self._streams)
+
     async def serve(self, *, ready: asyncio.Event | None = None) -> None:
         """Accept clients until cancelled; each connection is a task of this server's group."""
         self.bind()
@@ -337,7 +349,8 @@ class ControlServer:
             except msgspec.ValidationError as exc:
                 raise ControlError(f"bad arguments for {req.op!r}: {exc}") from None
             result = await handler(self, args, conn, rid)
-            await conn.send({"id": rid, "ok": True, "result": result})
+            if result is not _SENT:
+                await conn.send({"id": rid, "ok": True, "result": result})
         except CorralError as exc:
             await conn.send({"id": rid, "ok": False, "error": exc.to_dict()})
         except Exception as exc:
@@ -397,8 +410,16 @@ class ControlServer:
     async def _logs(self, a: _Logs, conn: _Conn, rid: Any) -> Any:
         if not a.follow:
             return [dataclasses.asdict(r) for r in await self._stored(a)]
-        await _race(self._follow(a, conn, rid), conn.until_closed())
-        return None
+        self._streams += 1
+        self._no_streams.clear()
+        try:
+            await _race(self._follow(a, conn, rid), conn.until_closed())
+            await conn.send({"id": rid, "ok": True, "result": None})
+        finally:
+            self._streams -= 1
+            if not self._streams:
+                self._no_streams.set()
+        return _SENT
 
     async def _stored(self, a: _Logs) -> list[LogRecord]:
         if a.tail is None:

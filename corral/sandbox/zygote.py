@@ -133,7 +133,9 @@ def serve(ctl: socket.socket) -> None:
                     try:
                         os.killpg(msg.pid, msg.signal)
                     except ProcessLookupError:
-                        pass
+                        # Not yet its own group leader (setsid pending): it is still our
+                        # unreaped child, so signal it directly.
+                        os.kill(msg.pid, msg.signal)
                 continue
             if len(fds) != 2:
                 for fd in fds:
