@@ -1,8 +1,9 @@
-"""The AutoGen core peer: in-process request/response (3.) and 10k lazily activated agents (4.).
+"""The AutoGen core peer: in-process requests (3.) and 10k lazily activated agents (4.).
 
 ``SingleThreadedAgentRuntime`` with one registered ``RoutedAgent`` type whose message
-handler returns the message; ``send_message`` is AutoGen's RPC. (No ``from __future__ import annotations`` here:
-``message_handler`` reads the handler's type hints, which must be real classes.)
+handler returns the message; ``send_message`` is AutoGen's RPC. No ``from __future__
+import annotations`` here: ``message_handler`` reads the handler's type hints at class
+creation, so they must be real classes.
 """
 
 
@@ -10,7 +11,16 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import Counts, fmt, latency_us, median_runs, now_ns, print_table
+from bench.common import (
+    Counts,
+    fmt,
+    latency_us,
+    median_runs,
+    now_ns,
+    pipe_label,
+    pipelined,
+    print_table,
+)
 
 __all__ = ["available", "run"]
 
@@ -88,18 +98,8 @@ async def _inproc(c: Counts) -> dict[str, Any]:
                 samples.append(now_ns() - t0)
             total = now_ns() - start
             seq_runs.append({**latency_us(samples), "per_s": c.autogen_seq / (total / 1e9)})
-        pipe: dict[str, Any] = {}
-        for w in c.pipe_widths:
-            batches = max(1, c.autogen_pipe // w)
-            await asyncio.gather(*(rt.send_message(Ping(i), target) for i in range(w)))
-            runs = []
-            for _ in range(c.reps):
-                t0 = now_ns()
-                for _b in range(batches):
-                    await asyncio.gather(*(rt.send_message(Ping(i), target) for i in range(w)))
-                dt = now_ns() - t0
-                runs.append({"per_s": batches * w / (dt / 1e9), "requests": batches * w})
-            pipe[str(w)] = median_runs(runs)
+        pipe = await pipelined(lambda i: rt.send_message(Ping(i), target),
+                               total=c.autogen_pipe, widths=c.pipe_widths, reps=c.reps)
     finally:
         await rt.stop()
     res = {"sequential": median_runs(seq_runs), "pipelined": pipe,
@@ -107,8 +107,8 @@ async def _inproc(c: Counts) -> dict[str, Any]:
     s = res["sequential"]
     rows = [["sequential await send_message()", fmt(s["p50_us"], "us"), fmt(s["p99_us"], "us"),
              fmt(s["per_s"], "/s")]]
-    for w, p in pipe.items():
-        rows.append([f"pipelined, {w} in flight (gather)", "", "", fmt(p["per_s"], "/s")])
+    for key, p in pipe.items():
+        rows.append([pipe_label(key), "", "", fmt(p["per_s"], "/s")])
     print_table("3. AutoGen core in-process send_message (SingleThreadedAgentRuntime)",
                 ["what", "p50", "p99", "throughput"], rows)
     return res

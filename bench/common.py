@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,59 @@ def med(values: Iterable[float]) -> float:
     """Median, NaN for no values."""
     vals = list(values)
     return statistics.median(vals) if vals else float("nan")
+
+
+# ------------------------------------------------------------------ pipelined load
+
+
+async def pipelined(call: Callable[[int], Awaitable[Any]], *, total: int,
+                    widths: Sequence[int], reps: int) -> dict[str, Any]:
+    """Throughput with many requests in flight, two ways, each width, median over ``reps``.
+
+    ``gather-W``: batches of W calls awaited together with asyncio.gather (W in flight, then
+    the batch drains). ``callers-W``: W concurrent callers, each awaiting its own calls one
+    after another (W in flight all the time).
+    """
+
+    async def gather(w: int) -> int:
+        batches = max(1, total // w)
+        for _ in range(batches):
+            await asyncio.gather(*(call(i) for i in range(w)))
+        return batches * w
+
+    async def callers(w: int) -> int:
+        each = max(1, total // w)
+
+        async def caller() -> None:
+            for i in range(each):
+                await call(i)
+
+        await asyncio.gather(*(caller() for _ in range(w)))
+        return each * w
+
+    out: dict[str, Any] = {}
+    for style, fn in (("gather", gather), ("callers", callers)):
+        for w in widths:
+            await asyncio.gather(*(call(i) for i in range(w)))  # warm this width
+            runs = []
+            for _ in range(reps):
+                t0 = now_ns()
+                n = await fn(w)
+                runs.append({"per_s": n / ((now_ns() - t0) / 1e9), "requests": n})
+            out[f"{style}-{w}"] = median_runs(runs)
+    return out
+
+
+def pipe_label(key: str) -> str:
+    """Table label of a :func:`pipelined` key."""
+    style, _, w = key.partition("-")
+    if style == "gather":
+        return f"pipelined: batches of {w} via gather"
+    if style == "callers":
+        return f"pipelined: {w} concurrent callers"
+    if style == "raylist":
+        return f"pipelined: ray.get() of {w} refs"
+    return f"pipelined: {key}"
 
 
 # ------------------------------------------------------------------ output

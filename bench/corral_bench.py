@@ -24,6 +24,8 @@ from bench.common import (
     median_runs,
     now_ns,
     percentile,
+    pipe_label,
+    pipelined,
     print_table,
 )
 from corral.runtime.runtime import Runtime
@@ -169,8 +171,8 @@ async def bench_start(c: Counts) -> dict[str, Any]:
 # ================================================================== 2./3. request/response
 
 
-async def _req_bench(rt: Runtime, name: str, *, seq_n: int, pipe_n: int, widths: tuple[int, ...],
-                     reps: int, warmup: int) -> dict[str, Any]:
+async def _req_bench(rt: Runtime, name: str, *, seq_n: int, pipe_n: int,
+                     widths: tuple[int, ...], reps: int, warmup: int) -> dict[str, Any]:
     """Sequential latency and pipelined throughput of ``rt.request`` to agent ``name``."""
     if await rt.request(name, {"check": 7}) != {"check": 7}:
         raise RuntimeError(f"agent {name} did not echo its payload")
@@ -186,29 +188,18 @@ async def _req_bench(rt: Runtime, name: str, *, seq_n: int, pipe_n: int, widths:
             samples.append(now_ns() - t0)
         total = now_ns() - start
         seq_runs.append({**latency_us(samples), "per_s": seq_n / (total / 1e9)})
-    pipe: dict[str, Any] = {}
-    for w in widths:
-        batches = max(1, pipe_n // w)
-        await asyncio.gather(*(rt.request(name, i) for i in range(w)))  # warm this width
-        runs = []
-        for _ in range(reps):
-            t0 = now_ns()
-            for _b in range(batches):
-                await asyncio.gather(*(rt.request(name, i) for i in range(w)))
-            dt = now_ns() - t0
-            runs.append({"per_s": batches * w / (dt / 1e9), "requests": batches * w})
-        pipe[str(w)] = median_runs(runs)
-    best = max(pipe.values(), key=lambda p: p["per_s"])
-    return {"sequential": median_runs(seq_runs), "pipelined": pipe, "pipelined_best_per_s":
-            best["per_s"]}
+    pipe = await pipelined(lambda i: rt.request(name, i), total=pipe_n, widths=widths,
+                           reps=reps)
+    best = max(p["per_s"] for p in pipe.values())
+    return {"sequential": median_runs(seq_runs), "pipelined": pipe, "pipelined_best_per_s": best}
 
 
 def _print_req(title: str, r: dict[str, Any]) -> None:
     s = r["sequential"]
     rows = [["sequential await rt.request()", fmt(s["p50_us"], "us"), fmt(s["p95_us"], "us"),
              fmt(s["p99_us"], "us"), fmt(s["per_s"], "/s")]]
-    for w, p in r["pipelined"].items():
-        rows.append([f"pipelined, {w} in flight (gather)", "", "", "", fmt(p["per_s"], "/s")])
+    for key, p in r["pipelined"].items():
+        rows.append([pipe_label(key), "", "", "", fmt(p["per_s"], "/s")])
     print_table(title, ["what", "p50", "p95", "p99", "throughput"], rows)
 
 
@@ -259,7 +250,8 @@ async def bench_many_inproc(c: Counts) -> dict[str, Any]:
         runs.append({"total_s": (t2 - t0) / 1e9, "apply_to_ready_s": (t1 - t0) / 1e9,
                      "requests_s": (t2 - t1) / 1e9, "distinct_answered": len(set(answers)),
                      "runtime_rss_mb": rss / 2**20, "shutdown_s": (t4 - t3) / 1e9})
-    res = {"n": n, "analogue": "one inproc agent with replicas=N, concurrency=1", **median_runs(runs)}
+    res = {"n": n, "analogue": "one inproc agent with replicas=N, concurrency=1",
+           **median_runs(runs)}
     print_table(f"4. Corral {n:,} in-process agents activated and answered (median of "
                 f"{len(runs)})", ["what", "value"], [
         ["apply(replicas=N, wait=True) -> all Ready", fmt(res["apply_to_ready_s"], "s")],

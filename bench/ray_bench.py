@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from bench.common import Counts, fmt, latency_us, median_runs, now_ns, print_table
+from bench.common import Counts, fmt, latency_us, median_runs, now_ns, pipe_label, print_table
 
 __all__ = ["available", "run"]
 
@@ -58,7 +58,7 @@ def run(names: list[str], c: Counts) -> dict[str, Any]:
     return out
 
 
-def _start(ray: Any, Echo: Any, c: Counts) -> dict[str, Any]:  # noqa: N803 - a class
+def _start(ray: Any, Echo: Any, c: Counts) -> dict[str, Any]:
     warm = Echo.remote()
     ray.get(warm.ping.remote())
     ray.kill(warm)
@@ -91,7 +91,7 @@ def _start(ray: Any, Echo: Any, c: Counts) -> dict[str, Any]:  # noqa: N803 - a 
     return res
 
 
-def _xproc(ray: Any, Echo: Any, c: Counts) -> dict[str, Any]:  # noqa: N803 - a class
+def _xproc(ray: Any, Echo: Any, c: Counts) -> dict[str, Any]:
     a = Echo.remote()
     if ray.get(a.echo.remote({"check": 7})) != {"check": 7}:
         raise RuntimeError("Ray actor did not echo its payload")
@@ -118,16 +118,15 @@ def _xproc(ray: Any, Echo: Any, c: Counts) -> dict[str, Any]:  # noqa: N803 - a 
                 ray.get([a.echo.remote(i) for i in range(w)])
             dt = now_ns() - t0
             runs.append({"per_s": batches * w / (dt / 1e9), "requests": batches * w})
-        pipe[str(w)] = median_runs(runs)
+        pipe[f"raylist-{w}"] = median_runs(runs)
     ray.kill(a)
     res = {"sequential": median_runs(seq_runs), "pipelined": pipe,
            "pipelined_best_per_s": max(p["per_s"] for p in pipe.values())}
     s = res["sequential"]
     rows = [["sequential ray.get(a.echo.remote(x))", fmt(s["p50_us"], "us"),
              fmt(s["p99_us"], "us"), fmt(s["per_s"], "/s")]]
-    for w, p in pipe.items():
-        rows.append([f"pipelined, {w} in flight (ray.get of a list)", "", "",
-                     fmt(p["per_s"], "/s")])
+    for key, p in pipe.items():
+        rows.append([pipe_label(key), "", "", fmt(p["per_s"], "/s")])
     print_table("2. Ray cross-process actor calls (1 actor)", ["what", "p50", "p99", "throughput"],
                 rows)
     return res

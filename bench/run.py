@@ -183,7 +183,7 @@ class Row:
 
 def _rows(c: Counts) -> list[Row]:
     n10k, n1k, nb = c.many_inproc, c.many_process, c.burst
-    C, R, A = "corral", "ray", "autogen"  # noqa: N806
+    C, R, A = "corral", "ray", "autogen"
     return [
         Row("start", "process agent start p50 (apply 1, wait Ready)", "ms",
             lambda r: _get(r, C, "start", "single_apply", "p50_ms"), "Ray actor+1st call",

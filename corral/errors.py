@@ -305,12 +305,16 @@ def error_from_info(error_type: str, message: str, *, hint: str = "", traceback:
         _index(CorralError)
     cls = _BY_NAME.get(error_type)
     err: CorralError
-    if cls is None or cls is TaskFailed:
+    if error_type == "InternalError":
+        err = ControlError(message, hint=hint or None)
+    elif cls is None or cls is TaskFailed:
         err = TaskFailed(message, error_type=error_type, traceback=traceback, hint=hint or None)
     elif cls is LimitExceeded:
         err = LimitExceeded("resource", "", message, hint=hint or None)
-    elif cls is IllegalTransition or issubclass(cls, SpecError):
-        err = CorralError(message, hint=hint or None)
+    elif issubclass(cls, SpecError):
+        err = SpecError(message, hint=hint or None)  # the message already lists every problem
+    elif cls is IllegalTransition:
+        err = LifecycleError(message, hint=hint or None)
     else:
         err = cls(message, hint=hint or None)
     err.agent = agent

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from corral.errors import ControlError, CorralError, RuntimeNotRunning, SpecError, error_from_info
+from corral.errors import ControlError, CorralError, RuntimeNotRunning, error_from_info
 
 __all__ = ["MAX_LINE", "Client", "error_from_wire"]
 
@@ -23,13 +23,7 @@ _ids = itertools.count(1)
 def error_from_wire(info: dict[str, Any]) -> CorralError:
     """Rebuild the error of an ``ok: false`` answer; ``.details`` keeps the wire form."""
     kind, message, hint = info.get("type", ""), info.get("message", ""), info.get("hint") or ""
-    err: CorralError
-    if kind == "SpecError":
-        err = SpecError(message, hint=hint or None)  # message lists every problem already
-    elif kind == "InternalError":
-        err = ControlError(message, hint=hint or None)
-    else:
-        err = error_from_info(kind, message, hint=hint, agent=info.get("agent"))
+    err = error_from_info(kind, message, hint=hint, agent=info.get("agent"))
     err.details = info  # type: ignore[attr-defined]
     return err
 

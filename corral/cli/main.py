@@ -247,8 +247,11 @@ def apply(
              for m in manifests]
     result = _client(home).call("apply", manifests=items, wait=wait,
                                 timeout=timeout if wait else None)
-    _show(output, result, lambda: [out.print(f"agent/{r['agent']} {r['action']}", markup=False,
-                                             highlight=False) for r in result])
+
+    def lines() -> None:
+        for r in result:
+            out.print(f"agent/{r['agent']} {r['action']}", markup=False, highlight=False)
+    _show(output, result, lines)
 
 
 @app.command()

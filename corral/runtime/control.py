@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from pydantic import ValidationError
 
-from corral.core.queue import Priority
 from corral.errors import AgentUnavailable, ControlError, CorralError, SpecError
 from corral.spec.models import AgentManifest
 from corral.store.records import LogRecord
@@ -171,18 +170,6 @@ async def _race(*coros: Coroutine[Any, Any, None]) -> None:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for t in tasks:
             t.cancel()
-
-
-def _priority(p: str | None) -> str | None:
-    if p is not None:
-        try:
-            Priority.parse(p)
-        except ValueError:
-            names = ", ".join(x.name.lower() for x in Priority)
-            raise SpecError("unknown priority", path="priority", got=p,
-                            expected=f"one of: {names}",
-                            hint=f"use one of: {names}") from None
-    return p
 
 
 def _manifest(m: _ManifestIn) -> AgentManifest:
@@ -382,11 +369,11 @@ class ControlServer:
 
     async def _request(self, a: _RequestArgs, conn: _Conn, rid: Any) -> Any:
         return await self.rt.request(a.name, a.payload, handler=a.handler, timeout=a.timeout,
-                                     priority=_priority(a.priority))
+                                     priority=a.priority)
 
     async def _send(self, a: _Send, conn: _Conn, rid: Any) -> Any:
         return await self.rt.send(a.name, a.payload, handler=a.handler,
-                                  priority=_priority(a.priority))
+                                  priority=a.priority)
 
     async def _task(self, a: _Task, conn: _Conn, rid: Any) -> Any:
         rec = await self.rt.task(a.id)
@@ -426,7 +413,10 @@ class ControlServer:
             return await self.rt.logs(a.name, after=a.after, limit=a.limit)
         last: collections.deque[LogRecord] = collections.deque(maxlen=max(a.tail, 0))
         after = a.after
-        while page := await self.rt.logs(a.name, after=after, limit=1000):
+        while True:
+            page: list[LogRecord] = await self.rt.logs(a.name, after=after, limit=1000)
+            if not page:
+                break
             last.extend(page)
             after = page[-1].seq
         return list(last)

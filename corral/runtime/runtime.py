@@ -8,6 +8,7 @@ TaskGroup it owns. Leaving the block drains work, stops every agent and closes a
 from __future__ import annotations
 
 import asyncio
+import builtins
 import importlib.machinery
 import itertools
 import logging
@@ -24,6 +25,7 @@ from corral.core.lifecycle import Crashed, InitFailed, State
 from corral.core.queue import Priority
 from corral.errors import (
     AgentNotFound,
+    AgentUnavailable,
     Backpressure,
     CorralError,
     SandboxUnavailable,
@@ -323,8 +325,15 @@ class Runtime:
                         if ctl.gave_up or inst.removed or inst.state is State.TERMINATED:
                             raise
                         await asyncio.sleep(0.05)
-        async with asyncio.timeout(timeout):
-            await asyncio.gather(*(one(n) for n in names))
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(one(n) for n in names))
+        except TimeoutError:
+            late = [n for n in names if n in self.agents and
+                    self.agents[n].ready_count() < self.agents[n].replicas]
+            raise AgentUnavailable(f"not Ready within {timeout:g}s: {', '.join(late) or names}",
+                                   hint="see `corral describe agent NAME` and `corral logs NAME`"
+                                   ) from None
 
     # ================================================================ work
 
@@ -335,7 +344,7 @@ class Runtime:
         ctl = self._agent(name)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         work = Work(next(self._ids), handler, payload, sender, "request",
-                    Priority.parse(priority) if priority else ctl.priority,
+                    self._priority(priority, ctl.priority),
                     timeout or ctl.spec.resources.task_timeout, future=fut)
         ctl.submit(work)
         try:
@@ -350,7 +359,7 @@ class Runtime:
         ctl = self._agent(name)
         if len(ctl.mailbox) >= ctl.mailbox.maxsize:
             raise Backpressure(f"mailbox of {name!r} is full ({ctl.mailbox.maxsize} tasks)")
-        prio = Priority.parse(priority) if priority else ctl.priority
+        prio = self._priority(priority, ctl.priority)
         task_id = uuid.uuid4().hex
         self.store.put_task(TaskRecord(task_id, name, handler, payload, int(prio), "send", sender,
                                        "queued", time.time()))
@@ -426,6 +435,16 @@ class Runtime:
         """The controller of ``name``, if applied."""
         return self.agents.get(name)
 
+    @staticmethod
+    def _priority(text: str | None, default: Priority) -> Priority:
+        if not text:
+            return default
+        try:
+            return Priority.parse(text)
+        except ValueError:
+            raise SpecError("unknown priority", path="priority", got=text,
+                            expected="critical, high, normal, low or background") from None
+
     def _agent(self, name: str) -> AgentController:
         ctl = self.agents.get(name)
         if ctl is None:
@@ -440,7 +459,7 @@ class Runtime:
         """One agent's summary row."""
         return self._row(self._agent(name))
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> builtins.list[dict[str, Any]]:
         """Every agent's summary row, by name."""
         return [self._row(a) for _, a in sorted(self.agents.items())]
 
@@ -459,8 +478,7 @@ class Runtime:
         """Everything about one agent: spec, instances, limits and how they are enforced, events."""
         a = self._agent(name)
         insts = list(a.instances.values())
-        samples = await asyncio.to_thread(lambda: [i.channel.sample() if i.channel else {}
-                                                   for i in insts])
+        samples = await asyncio.to_thread(_sample_all, insts)
         now = asyncio.get_running_loop().time()
         enforcement = self._enforcement(a)
         events = await self.store.events(agent=name)
@@ -538,7 +556,7 @@ class Runtime:
             for q in followers:
                 _offer(q, rec)
 
-    async def logs(self, name: str, *, after: int = 0, limit: int = 1000) -> list[LogRecord]:
+    async def logs(self, name: str, *, after: int = 0, limit: int = 1000) -> builtins.list[LogRecord]:
         """Stored log lines of an agent (also after it was deleted)."""
         await self.store.commit()
         return await self.store.logs(name, after=after, limit=limit)
@@ -602,10 +620,14 @@ class Runtime:
                      if i.channel is not None and i.channel.tier != "inproc"]
             if not insts:
                 continue
-            samples = await asyncio.to_thread(
-                lambda: [i.channel.sample() if i.channel else {} for i in insts])
+            samples = await asyncio.to_thread(_sample_all, insts)
             for i, s in zip(insts, samples, strict=True):
                 i.sample = s
+
+
+def _sample_all(insts: list[Instance]) -> list[dict[str, Any]]:
+    # psutil reads /proc: run in a thread, never on the loop.
+    return [i.channel.sample() if i.channel else {} for i in insts]
 
 
 def _offer(q: asyncio.Queue[Any], item: Any) -> None:

@@ -72,7 +72,7 @@ def _child(req: Spawn, proto_fd: int, log_fd: int, close_fds: list[int]) -> NoRe
         sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 - lives as long as the process
         sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
         code = worker_process.main(proto_fd)
-    except BaseException as exc:  # noqa: BLE001 - report anything before dying
+    except BaseException as exc:  # report anything before dying
         try:
             os.write(2, f"corral: worker setup failed: {type(exc).__name__}: {exc}\n".encode())
         except OSError:

@@ -48,7 +48,7 @@ def Agent(
 ) -> Callable[[type[T]], type[T]]: ...
 
 
-def Agent(  # noqa: N802 - the SDK's public name, as in seed 000
+def Agent(  # the SDK's public name, as in seed 000
     cls: type[T] | None = None,
     /,
     *,

@@ -101,7 +101,7 @@ class AgentHost:
 
     async def start(self, memory: dict[str, Any], memory_age: dict[str, float]) -> Ready:
         """Instantiate the class, restore persistent memory (minus expired), run on_start."""
-        obj = self.cls.__new__(self.cls)
+        obj: Any = object.__new__(self.cls)
         obj.ctx = self.ctx
         store: dict[str, Any] = obj.__dict__.setdefault("__corral_memory__", {})
         for name, desc in self.memories.items():

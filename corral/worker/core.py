@@ -68,13 +68,14 @@ class WorkerCore:
             self._tasks[msg.id] = self._tg.create_task(self._run(msg))
         elif isinstance(msg, Reply):
             fut = self._pending.pop(msg.id, None)
-            if fut is not None and not fut.done():
-                if msg.ok:
-                    fut.set_result(msg.payload)
-                else:
-                    err = msg.error or ErrorInfo("TaskFailed", "request failed")
-                    fut.set_exception(error_from_info(err.type, err.message, hint=err.hint,
-                                                      traceback=err.traceback))
+            if fut is None or fut.done():
+                return
+            if msg.ok:
+                fut.set_result(msg.payload)
+            else:
+                err = msg.error or ErrorInfo("TaskFailed", "request failed")
+                fut.set_exception(error_from_info(err.type, err.message, hint=err.hint,
+                                                  traceback=err.traceback))
         elif isinstance(msg, Cancel):
             task = self._tasks.get(msg.id)
             if task is not None:
@@ -82,10 +83,9 @@ class WorkerCore:
                 task.cancel()
         elif isinstance(msg, Init):
             self._tg.create_task(self._init(msg))
-        elif isinstance(msg, Shutdown):
-            if not self._shutting_down:
-                self._shutting_down = True
-                self._tg.create_task(self._shutdown(msg.grace))
+        elif isinstance(msg, Shutdown) and not self._shutting_down:
+            self._shutting_down = True
+            self._tg.create_task(self._shutdown(msg.grace))
 
     def connection_lost(self) -> None:
         """The runtime went away: stop everything now."""
