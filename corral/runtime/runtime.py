@@ -341,10 +341,11 @@ class Runtime:
                       timeout: float | None = None, priority: str | None = None,
                       sender: str = "client") -> Any:
         """Send a task and wait for its result; raises TaskFailed, TaskTimeout, ..."""
+        prio = self._priority(priority, Priority.NORMAL) if priority else None
         ctl = self._agent(name)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         work = Work(next(self._ids), handler, payload, sender, "request",
-                    self._priority(priority, ctl.priority),
+                    prio if prio is not None else ctl.priority,
                     timeout or ctl.spec.resources.task_timeout, future=fut)
         ctl.submit(work)
         try:
@@ -356,10 +357,11 @@ class Runtime:
     async def send(self, name: str, payload: Any = None, *, handler: str = "",
                    priority: str | None = None, sender: str = "client") -> str:
         """Queue a one-way task durably (it survives a crash of the runtime); returns its id."""
+        chosen = self._priority(priority, Priority.NORMAL) if priority else None
         ctl = self._agent(name)
         if len(ctl.mailbox) >= ctl.mailbox.maxsize:
             raise Backpressure(f"mailbox of {name!r} is full ({ctl.mailbox.maxsize} tasks)")
-        prio = self._priority(priority, ctl.priority)
+        prio = chosen if chosen is not None else ctl.priority
         task_id = uuid.uuid4().hex
         self.store.put_task(TaskRecord(task_id, name, handler, payload, int(prio), "send", sender,
                                        "queued", time.time()))
