@@ -216,12 +216,16 @@ def _banner(home: Path, sock: Path, names: list[str], output: Output) -> None:
         out.file.flush()
         return
     flag = "" if home == default_home() else f" --home {shlex.quote(str(home))}"
-    name = names[0] if names else "hello"
     lines = [f"Corral is up (pid {os.getpid()}); control socket {sock}", "Try:"]
     if not names:
         lines.append(f"  corral apply{flag} -f examples/hello")
-    lines += [f"  corral get agents{flag}",
-              f"  corral request {name} '{{\"name\": \"ada\"}}'{flag}",
+    lines.append(f"  corral get agents{flag}")
+    if not names or "hello" in names:
+        lines.append(f"  corral request hello '{{\"name\": \"ada\"}}'{flag}")
+    else:
+        lines.append(f"  corral request {names[0]} '{{}}'{flag}")
+    name = "hello" if not names or "hello" in names else names[0]
+    lines += [f"  corral describe agent {name}{flag}",
               f"  corral logs -f {name}{flag}",
               "Ctrl-C to stop."]
     out.print("\n".join(lines), markup=False, highlight=False)

@@ -141,6 +141,7 @@ class Instance:
         self.closed.clear()
         self._hello = False
         self.init_error = None
+        self.ready_at = None
         self.started_at = time.time()
         self.last_heartbeat = loop.time()
         self._timer = loop.call_later(self.agent.spec.health.start_timeout, self._start_overdue)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -58,9 +59,21 @@ def load_class(entrypoint: str, python_path: list[str] | None = None) -> type:
     return obj
 
 
+_CORRAL_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _agent_traceback(exc: BaseException) -> str:
+    # Show the agent author their own frames: drop the leading ones inside Corral.
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and \
+            os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_CORRAL_DIR + os.sep):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
 def error_info(exc: BaseException, *, with_traceback: bool = True) -> ErrorInfo:
     """The wire form of an exception raised by agent code."""
-    tb = "".join(traceback.format_exception(exc)) if with_traceback else ""
+    tb = _agent_traceback(exc) if with_traceback else ""
     hint = exc.hint if isinstance(exc, CorralError) else ""
     msg = exc.message if isinstance(exc, CorralError) else str(exc)
     return ErrorInfo(type=type(exc).__name__, message=msg or type(exc).__name__,
