@@ -58,6 +58,7 @@ class AgentController:
         self.task_time = 0.0
         self._available: dict[Instance, None] = {}
         self._seq = itertools.count()
+        self._warned_schedules = False
         base = manifest.base_dir
         self.python_path = [os.path.normpath(os.path.join(base, p)) for p in self.spec.python_path]
         if not self.python_path and self.spec.entrypoint:
@@ -225,8 +226,14 @@ class AgentController:
         """An instance said Ready."""
         if self.group is not None and not self.one_shot:
             self.group.started(inst)
-        if inst.schedules:
+        if inst.schedules and not self.one_shot:
             self.rt.scheduler.ensure(self, inst.schedules)
+        elif inst.schedules and not self._warned_schedules:
+            # Each tick would start a fresh one-shot instance: not what @scheduled means.
+            self._warned_schedules = True
+            self.rt.log(self.name, inst.name, "warning",
+                        f"@scheduled methods {[s.handler for s in inst.schedules]} are ignored "
+                        f"in mode {self.spec.mode!r}; they run in persistent agents")
         self._refresh(inst)
         self.pump()
 

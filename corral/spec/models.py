@@ -94,11 +94,12 @@ def _tool_name(v: str) -> str:
 
 def _cron(v: str) -> str:
     try:
-        ok = len(v.split()) == 5 and bool(croniter.is_valid(v))
+        ok = len(v.split()) in (5, 6) and bool(croniter.is_valid(v))
     except Exception:
         ok = False
     if not ok:
-        raise ValueError("expected a 5-field cron expression like '*/5 * * * *'")
+        raise ValueError("expected a cron expression like '*/5 * * * *' (5 fields, or 6 with "
+                         "seconds last)")
     return v
 
 

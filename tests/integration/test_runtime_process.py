@@ -242,3 +242,14 @@ async def test_graceful_shutdown_leaves_no_orphans(tmp_path) -> None:
         await busy
     for pid in [*pids, zygote]:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_scheduled_mode_runs_a_fresh_instance_per_fire(rt: Runtime) -> None:
+    # A 6-field cron fires every second; each run is a one-shot instance that then retires.
+    sched = {"cron": "* * * * * */1", "handler": "incr"}
+    await rt.apply([manifest("counter", "Counter", mode="scheduled", schedule=sched)])
+    assert rt.get("counter")["status"] in ("Scheduled", "Active")
+    await until(lambda: rt.agents["counter"].tasks_ok >= 2, timeout=15)
+    # Persistent memory carries the count across the one-shot instances.
+    assert rt.agents["counter"].memory["state"][0]["n"] >= 2
+    assert rt.agents["counter"].restarts == 0

@@ -151,7 +151,7 @@ def test_load_paths_relative_source(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         (agent("a", health="{heartbeatInterval: 5s, heartbeatTimeout: 1s}"),
          "spec.health.heartbeatTimeout", 1.0, "a duration longer than 5s"),
         (agent("a", schedule="{cron: '* * *'}", mode="scheduled"), "spec.schedule.cron",
-         "* * *", "a 5-field cron expression like '*/5 * * * *'"),
+         "* * *", "a cron expression like '*/5 * * * *'"),
         (agent("a", mode="scheduled"), "spec.schedule", None, "a schedule like"),
         (agent("a", command="[node, a.js]"), "spec", None, "an entrypoint like"),
         (agent("Bad_Name"), "metadata.name", "Bad_Name", "a DNS-1123 label"),
