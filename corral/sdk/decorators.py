@@ -85,14 +85,14 @@ def handler(arg: Any = None, /) -> Any:
     return mark
 
 
-class MemoryDescriptor:
-    """An agent attribute whose initial value comes from a factory; persistent ones survive restarts."""
+class _Lazy:
+    """A per-instance value that ``factory`` builds on first access."""
 
-    def __init__(self, factory: Callable[[Any], Any], persistent: bool,
-                 ttl: timedelta | None) -> None:
+    #: The instance attribute (a dict) the values live in.
+    slot = ""
+
+    def __init__(self, factory: Callable[[Any], Any]) -> None:
         self.factory = factory
-        self.persistent = persistent
-        self.ttl = ttl.total_seconds() if ttl is not None else None
         self.name = factory.__name__
 
     def __set_name__(self, owner: type, name: str) -> None:
@@ -101,13 +101,25 @@ class MemoryDescriptor:
     def __get__(self, obj: Any, objtype: type | None = None) -> Any:
         if obj is None:
             return self
-        store: dict[str, Any] = obj.__dict__.setdefault("__corral_memory__", {})
-        if self.name not in store:
-            store[self.name] = self.factory(obj)
-        return store[self.name]
+        values: dict[str, Any] = obj.__dict__.setdefault(self.slot, {})
+        if self.name not in values:
+            values[self.name] = self.factory(obj)
+        return values[self.name]
+
+
+class MemoryDescriptor(_Lazy):
+    """Agent memory with an initial value from a factory; persistent ones survive restarts."""
+
+    slot = "__corral_memory__"
+
+    def __init__(self, factory: Callable[[Any], Any], persistent: bool,
+                 ttl: timedelta | None) -> None:
+        super().__init__(factory)
+        self.persistent = persistent
+        self.ttl = ttl.total_seconds() if ttl is not None else None
 
     def __set__(self, obj: Any, value: Any) -> None:
-        obj.__dict__.setdefault("__corral_memory__", {})[self.name] = value
+        obj.__dict__.setdefault(self.slot, {})[self.name] = value
 
 
 @overload
@@ -125,23 +137,10 @@ def memory(fn: Any = None, /, *, persistent: bool = False, ttl: timedelta | None
     return lambda f: MemoryDescriptor(f, persistent, ttl)
 
 
-class CapabilityDescriptor:
+class CapabilityDescriptor(_Lazy):
     """A value built lazily on first use and kept for the life of the instance."""
 
-    def __init__(self, factory: Callable[[Any], Any]) -> None:
-        self.factory = factory
-        self.name = factory.__name__
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        if obj is None:
-            return self
-        built: dict[str, Any] = obj.__dict__.setdefault("__corral_capabilities__", {})
-        if self.name not in built:
-            built[self.name] = self.factory(obj)
-        return built[self.name]
+    slot = "__corral_capabilities__"
 
 
 def capability(fn: Callable[[Any], Any], /) -> CapabilityDescriptor:
