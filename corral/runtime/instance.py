@@ -94,6 +94,7 @@ class Instance:
         self._timer: asyncio.TimerHandle | None = None
         #: Loop time the last task finished with nothing left in flight (None while busy).
         self.idle_since: float | None = None
+        self._shutdown_sent = False
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -140,6 +141,7 @@ class Instance:
             self.ready = self._future()
         self.closed.clear()
         self._hello = False
+        self._shutdown_sent = False
         self.init_error = None
         self.ready_at = None
         self.started_at = time.time()
@@ -185,7 +187,7 @@ class Instance:
         if self.state is not State.TERMINATED:
             self.transition(Stop(reason))
         if self.channel is not None:
-            self.channel.send(Shutdown(grace))
+            self._shutdown(grace)
             try:
                 async with asyncio.timeout(grace + 1.0):
                     await self.closed.wait()
@@ -269,8 +271,7 @@ class Instance:
         if self.one_shot:
             self.transition(Retire("ephemeral: task done"))
             self.removed = True
-            if self.channel is not None:
-                self.channel.send(Shutdown(self.rt.config.shutdown_grace))
+            self._shutdown(self.rt.config.shutdown_grace)
         else:
             self.transition(Rearm())
 
@@ -343,14 +344,32 @@ class Instance:
                 self.transition(Crashed(exit.describe()))
             if self._give_up is not None:
                 self.transition(GiveUp(self._give_up))
-            elif not self.one_shot:
+            elif self.one_shot:
+                self.removed = True  # one task, one instance: the next task gets a fresh one
+                self.transition(GiveUp("one-shot instance: not restarted"))
+            else:
                 self.agent.on_instance_exit(self, exit)
         if self.state is State.FAILED and self._pending_start is not None:
             delay, self._pending_start = self._pending_start, None
             self.schedule_start(delay)
         self.agent.on_instance_gone(self)
 
+    @property
+    def restart_pending(self) -> bool:
+        """Whether the supervisor has a start of this instance on the way."""
+        return self._timer is not None or self._pending_start is not None
+
     # ---------------------------------------------------------------- internals
+
+    def _shutdown(self, grace: float) -> None:
+        # Shutdown is for a Ready agent, once; one that never said Ready is killed instead.
+        if self.channel is None or self._shutdown_sent:
+            return
+        if self.ready_at is None:
+            self.channel.kill("killed", "stopped before it was Ready")
+            return
+        self._shutdown_sent = True
+        self.channel.send(Shutdown(grace))
 
     def _send_init(self) -> None:
         assert self.channel is not None
@@ -363,6 +382,8 @@ class Instance:
             python_path=self.agent.python_path, restarts=self.restarts))
 
     def _on_ready(self, msg: Ready) -> None:
+        if self.state is not State.INITIALIZING:
+            return  # stopped while it was starting: the kill is already on its way
         self._cancel_timer()
         self.handlers = list(msg.handlers)
         self.schedules = list(msg.schedules)

@@ -78,6 +78,8 @@ class Runtime:
         if home is not None:
             cfg.home = Path(home)
         for k, v in overrides.items():
+            if not hasattr(cfg, k):
+                raise TypeError(f"Runtime() got an unknown setting {k!r}; see RuntimeConfig")
             setattr(cfg, k, v)
         self.config = cfg
         self.store = SQLiteStore(cfg.store_path, synchronous=cfg.synchronous)
@@ -201,6 +203,14 @@ class Runtime:
             load_paths(manifests) if manifests and not isinstance(manifests[0], AgentManifest)  # type: ignore[arg-type]
             else list(manifests))  # type: ignore[arg-type]
         problems = validate_set(items) + [p for m in items for p in self._check(m)]
+        seen: dict[str, AgentManifest] = {}
+        for m in items:
+            first = seen.setdefault(m.name, m)
+            if first is not m and first.namespace != m.namespace:
+                problems.append(SpecError(
+                    f"agent name {m.name!r} is used in namespaces {first.namespace!r} and "
+                    f"{m.namespace!r}", file=m.source or m.name, path="metadata.name", got=m.name,
+                    expected="a name unique across namespaces (agents are addressed by name)"))
         if problems:
             raise SpecError("invalid manifests", problems=problems)
         outcomes: list[dict[str, str]] = []
@@ -270,6 +280,12 @@ class Runtime:
             if not os.path.isdir(cwd):
                 out.append(SpecError("workdir does not exist", file=src, path="spec.workdir",
                                      got=cwd, expected="an existing folder"))
+        old = self.agents.get(m.name)
+        if old is not None and old.manifest.namespace != m.namespace:
+            out.append(SpecError(f"an agent named {m.name!r} already runs in namespace "
+                                 f"{old.manifest.namespace!r}", file=src, path="metadata.name",
+                                 got=m.name, expected="a name unique across namespaces "
+                                 "(agents are addressed by name)"))
         group_key = self._group_key(m)
         g = self.groups.get(group_key)
         if g is not None and g.strategy.value != spec.restart.strategy and \
@@ -315,14 +331,15 @@ class Runtime:
             ctl = self._agent(name)
             if ctl.one_shot:
                 return
-            for inst in list(ctl.instances.values()):
+            for inst in [i for i in ctl.instances.values() if not i.removed]:
                 while True:
                     try:
                         await asyncio.shield(inst.ready)
                         break
                     except CorralError:
-                        # A restart may still bring it up; give up only when the supervisor does.
-                        if ctl.gave_up or inst.removed or inst.state is State.TERMINATED:
+                        # A restart may still bring it up; give up only when none is coming.
+                        if ctl.gave_up or inst.removed or inst.state is State.TERMINATED or \
+                                (inst.state is State.FAILED and not inst.restart_pending):
                             raise
                         await asyncio.sleep(0.05)
         try:

@@ -65,7 +65,9 @@ class WorkerCore:
                 self._emit(Result(msg.id, False, error=ErrorInfo(
                     "AgentUnavailable", "agent is shutting down")))
                 return
-            self._tasks[msg.id] = self._tg.create_task(self._run(msg))
+            task = self._tg.create_task(self._run(msg))
+            self._tasks[msg.id] = task
+            task.add_done_callback(lambda t, d=msg: self._task_done(d, t))
         elif isinstance(msg, Reply):
             fut = self._pending.pop(msg.id, None)
             if fut is None or fut.done():
@@ -156,6 +158,15 @@ class WorkerCore:
             self._save_memory(host)
             if host.memory_exhausted:
                 self._finish(EXIT_MEMORY)
+
+    def _task_done(self, d: Deliver, task: asyncio.Task[None]) -> None:
+        # A Cancel that lands before the task's first step never reaches _run's except:
+        # answer for it here, so every Deliver still gets exactly one Result.
+        if task.cancelled() and self._tasks.pop(d.id, None) is not None:
+            reason = self._cancelled.pop(d.id, None)
+            if reason is not None:
+                err = TaskTimeout(f"task {d.id} cancelled: {reason}")
+                self._emit(Result(d.id, False, error=error_info(err, with_traceback=False)))
 
     def _save_memory(self, host: AgentHost) -> None:
         try:

@@ -20,6 +20,7 @@ from corral.errors import (
     TaskTimeout,
 )
 from corral.runtime.runtime import Runtime
+from corral.spec.models import AgentManifest
 from tests.conftest import manifest
 
 FAST_RESTART = {"policy": "on-failure", "maxRestarts": 3, "window": "30s",
@@ -253,3 +254,38 @@ async def test_scheduled_mode_runs_a_fresh_instance_per_fire(rt: Runtime) -> Non
     # Persistent memory carries the count across the one-shot instances.
     assert rt.agents["counter"].memory["state"][0]["n"] >= 2
     assert rt.agents["counter"].restarts == 0
+
+
+async def test_ephemeral_crash_does_not_block_later_tasks(rt: Runtime) -> None:
+    await rt.apply([manifest("eph", mode="ephemeral")])
+    with pytest.raises(AgentUnavailable, match="crashed"):
+        await rt.request("eph", None, handler="crash")
+    assert (await rt.request("eph", 5, handler="echo"))["echo"] == 5
+
+
+async def test_stop_right_after_scaling_and_after_ephemeral_work(rt: Runtime) -> None:
+    await rt.apply([manifest("echo"), manifest("eph", mode="ephemeral")], wait=True, timeout=20)
+    await rt.request("eph", 1, handler="echo")
+    await rt.scale("echo", 3)
+    await rt.stop("echo")  # two replicas are still starting: they are killed, not shut down
+    assert rt.get("echo")["status"] == "Stopped"
+    await rt.scale("echo", 2)
+    await rt.wait_ready(["echo"], timeout=20)  # the stopped instances are not waited on
+    assert rt.get("echo")["ready"] == "2/2"
+
+
+async def test_wait_ready_fails_fast_when_no_restart_is_coming(rt: Runtime) -> None:
+    await rt.apply([manifest("initfail", "InitFail", restart={"policy": "never"})])
+    with pytest.raises(AgentUnavailable, match="failed before Ready"):
+        await rt.wait_ready(["initfail"], timeout=20)
+
+
+async def test_agent_names_are_unique_across_namespaces(rt: Runtime) -> None:
+    a = manifest("echo")
+    b = AgentManifest.model_validate({**a.to_dict(), "metadata": {"name": "echo",
+                                      "namespace": "other"}}).with_origin("b.yaml", a.base_dir)
+    with pytest.raises(SpecError, match="namespaces"):
+        await rt.apply([a, b])
+    await rt.apply([a], wait=True, timeout=20)
+    with pytest.raises(SpecError, match="already runs in namespace 'default'"):
+        await rt.apply([b])
