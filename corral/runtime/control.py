@@ -124,6 +124,7 @@ def _enc_hook(obj: Any) -> Any:
         return sorted(obj, key=repr)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.asdict(obj)
+    # msgspec's enc_hook contract: this exception type means "unsupported type".
     raise NotImplementedError(f"can't encode {type(obj).__name__}")
 
 
