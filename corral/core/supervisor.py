@@ -6,7 +6,7 @@ as events. Nothing here sleeps, reads a clock or spawns anything.
 
 Invariants (checked by ``tests/unit/test_supervisor.py``):
 
-1. Child names are unique; ``facts[i]`` describes ``children[i]``.
+1. Child names are unique; ``facts[i]`` describes ``children[i]`` (both in start order).
 2. Only ``ChildStarted`` sets ``running`` and ``started_at``; only ``ChildExited`` clears them.
    A second ``ChildStarted`` for a running child changes nothing.
 3. ``StopChild`` is emitted only for a running child not already being stopped, and marks it
@@ -28,6 +28,8 @@ import dataclasses
 import random
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from immutables import Map
 
 from corral.core.backoff import BackoffPolicy
 from corral.errors import RestartLimitExceeded
@@ -149,13 +151,20 @@ Action = StartChild | StopChild | GiveUp
 
 @dataclass(frozen=True)
 class SupervisorState:
-    """Immutable supervisor state; ``decide`` returns a new one."""
+    """Immutable supervisor state; ``decide`` returns a new one.
+
+    Children live in persistent maps (``immutables.Map``), so an event about one child
+    costs O(log n) however many siblings it has; ``children``, ``facts`` and ``names``
+    are ordered views built on demand.
+    """
 
     strategy: Strategy
     max_restarts: int
     window: float
-    children: tuple[ChildSpec, ...] = ()
-    facts: tuple[ChildFacts, ...] = ()
+    specs: Map[str, ChildSpec] = field(default_factory=Map)
+    child_facts: Map[str, ChildFacts] = field(default_factory=Map)
+    order: Map[str, int] = field(default_factory=Map)  # name -> start-order sequence number
+    next_seq: int = 0
     restarts: tuple[float, ...] = ()  # times of restarts, pruned to the window when one happens
     gave_up: bool = False
 
@@ -164,11 +173,8 @@ class SupervisorState:
             raise ValueError(f"max_restarts must be >= 0, got {self.max_restarts!r}")
         if not self.window > 0:
             raise ValueError(f"window must be > 0 seconds, got {self.window!r}")
-        if len(self.facts) != len(self.children):
-            raise ValueError("facts must hold exactly one entry per child")
-        names = [c.name for c in self.children]
-        if len(set(names)) != len(names):
-            raise ValueError(f"child names must be unique, got {names}")
+        if not len(self.specs) == len(self.child_facts) == len(self.order):
+            raise ValueError("specs, facts and order must hold exactly one entry per child")
 
     @classmethod
     def new(
@@ -176,24 +182,41 @@ class SupervisorState:
         children: tuple[ChildSpec, ...] = (),
     ) -> SupervisorState:
         """A supervisor with ``children`` registered, none running yet."""
-        return cls(strategy, max_restarts, window, tuple(children),
-                   tuple(ChildFacts() for _ in children))
+        names = [c.name for c in children]
+        if len(set(names)) != len(names):
+            raise ValueError(f"child names must be unique, got {names}")
+        return cls(strategy, max_restarts, window, Map((c.name, c) for c in children),
+                   Map((c.name, ChildFacts()) for c in children),
+                   Map((c.name, i) for i, c in enumerate(children)), len(children))
 
     @property
     def names(self) -> tuple[str, ...]:
         """Child names in start order."""
-        return tuple(c.name for c in self.children)
+        return tuple(sorted(self.order, key=self.order.__getitem__))
+
+    @property
+    def children(self) -> tuple[ChildSpec, ...]:
+        """Child specs in start order."""
+        return tuple(self.specs[n] for n in self.names)
+
+    @property
+    def facts(self) -> tuple[ChildFacts, ...]:
+        """Child facts in start order (``facts[i]`` describes ``children[i]``)."""
+        return tuple(self.child_facts[n] for n in self.names)
 
     def index(self, name: str) -> int:
-        """Position of child ``name``; ValueError if unknown."""
-        for i, spec in enumerate(self.children):
-            if spec.name == name:
-                return i
-        raise ValueError(f"unknown child {name!r}; children are {list(self.names)}")
+        """Position of child ``name`` in start order; ValueError if unknown."""
+        self._known(name)
+        return self.names.index(name)
 
     def facts_of(self, name: str) -> ChildFacts:
         """Runtime facts of child ``name``; ValueError if unknown."""
-        return self.facts[self.index(name)]
+        self._known(name)
+        return self.child_facts[name]
+
+    def _known(self, name: str) -> None:
+        if name not in self.specs:
+            raise ValueError(f"unknown child {name!r}; children are {list(self.names)}")
 
 
 def decide(
@@ -206,36 +229,44 @@ def decide(
         case ChildRemoved(name):
             return _removed(state, name)
         case ChildStarted(name):
-            i = state.index(name)
-            f = state.facts[i]
+            f = state.facts_of(name)
             if f.running:
                 return state, []
-            return _put(state, i, dataclasses.replace(f, running=True, started_at=now)), []
+            return _put(state, name, dataclasses.replace(f, running=True, started_at=now)), []
         case ChildExited(name, failed):
             return _exited(state, name, failed, now, rng)
     raise TypeError(f"not a supervisor event: {event!r}")
 
 
-def _put(state: SupervisorState, i: int, facts: ChildFacts) -> SupervisorState:
-    return dataclasses.replace(state, facts=(*state.facts[:i], facts, *state.facts[i + 1:]))
+def _with(state: SupervisorState, **changes: object) -> SupervisorState:
+    """A copy with ``changes``; skips __init__ (dataclasses.replace re-validates the whole
+    state, which dominates when one supervisor holds thousands of children)."""
+    new = object.__new__(SupervisorState)
+    new.__dict__.update(state.__dict__)
+    new.__dict__.update(changes)
+    return new
+
+
+def _put(state: SupervisorState, name: str, facts: ChildFacts) -> SupervisorState:
+    return _with(state, child_facts=state.child_facts.set(name, facts))
 
 
 def _added(state: SupervisorState, spec: ChildSpec) -> tuple[SupervisorState, list[Action]]:
-    if spec.name in state.names:
+    if spec.name in state.specs:
         raise ValueError(f"child {spec.name!r} is already supervised")
-    new = dataclasses.replace(
-        state, children=(*state.children, spec), facts=(*state.facts, ChildFacts())
+    new = _with(
+        state, specs=state.specs.set(spec.name, spec),
+        child_facts=state.child_facts.set(spec.name, ChildFacts()),
+        order=state.order.set(spec.name, state.next_seq), next_seq=state.next_seq + 1,
     )
     return new, [] if state.gave_up else [StartChild(spec.name, 0.0)]
 
 
 def _removed(state: SupervisorState, name: str) -> tuple[SupervisorState, list[Action]]:
-    i = state.index(name)
-    f = state.facts[i]
-    new = dataclasses.replace(
-        state,
-        children=state.children[:i] + state.children[i + 1:],
-        facts=state.facts[:i] + state.facts[i + 1:],
+    f = state.facts_of(name)
+    new = _with(
+        state, specs=state.specs.delete(name), child_facts=state.child_facts.delete(name),
+        order=state.order.delete(name),
     )
     stop = f.running and not f.stopping and not state.gave_up
     return new, [StopChild(name)] if stop else []
@@ -248,15 +279,15 @@ def _should_restart(policy: RestartPolicy, failed: bool) -> bool:
 def _exited(
     state: SupervisorState, name: str, failed: bool, now: float, rng: random.Random
 ) -> tuple[SupervisorState, list[Action]]:
-    i = state.index(name)
-    f = state.facts[i]
+    f = state.facts_of(name)
     ran_for = now - f.started_at if f.started_at is not None else 0.0
     # Forget started_at so a restart that dies before ChildStarted doesn't look long-lived.
-    state = _put(state, i, dataclasses.replace(f, running=False, stopping=False, started_at=None))
+    state = _put(state, name, dataclasses.replace(f, running=False, stopping=False,
+                                                  started_at=None))
     # We asked for this exit; it says nothing about the child's health.
     if f.stopping or state.gave_up:
         return state, []
-    spec = state.children[i]
+    spec = state.specs[name]
     if not _should_restart(spec.restart, failed):
         return state, []
 
@@ -267,40 +298,41 @@ def _exited(
     # A child that stayed up long enough is healthy again: start its backoff over.
     failures = 0 if ran_for >= spec.backoff.reset_after else f.failures
     delay = spec.backoff.delay(failures, rng)
-    state = _put(state, i, dataclasses.replace(state.facts[i], failures=failures + 1))
-    state = dataclasses.replace(state, restarts=(*recent, now))
+    state = _put(state, name, dataclasses.replace(state.child_facts[name],
+                                                  failures=failures + 1))
+    state = _with(state, restarts=(*recent, now))
 
     if state.strategy is Strategy.ONE_FOR_ONE:
-        group = [i]
-    elif state.strategy is Strategy.ONE_FOR_ALL:
-        group = list(range(len(state.children)))
-    else:
-        group = list(range(i, len(state.children)))
-    state, actions = _stop(state, [j for j in group if j != i])
+        return state, [StartChild(name, delay)]
+    names = state.names  # only the group strategies need the order: O(n log n) per failure
+    i = names.index(name)
+    group = list(names) if state.strategy is Strategy.ONE_FOR_ALL else list(names[i:])
+    state, actions = _stop(state, [n for n in group if n != name])
     # As OTP does for temporary children, a sibling with restart=never is stopped, not restarted.
     actions += [
-        StartChild(state.children[j].name, delay)
-        for j in group
-        if j == i or state.children[j].restart is not RestartPolicy.NEVER
+        StartChild(n, delay)
+        for n in group
+        if n == name or state.specs[n].restart is not RestartPolicy.NEVER
     ]
     return state, actions
 
 
-def _stop(state: SupervisorState, indexes: list[int]) -> tuple[SupervisorState, list[Action]]:
+def _stop(state: SupervisorState, names: list[str]) -> tuple[SupervisorState, list[Action]]:
     """StopChild, in reverse start order, for each running child not already stopping."""
     actions: list[Action] = []
-    for j in reversed(indexes):
-        f = state.facts[j]
+    for n in reversed(names):
+        f = state.child_facts[n]
         if f.running and not f.stopping:
-            state = _put(state, j, dataclasses.replace(f, stopping=True))
-            actions.append(StopChild(state.children[j].name))
+            state = _put(state, n, dataclasses.replace(f, stopping=True))
+            actions.append(StopChild(n))
     return state, actions
 
 
 def _give_up(
     state: SupervisorState, recent: tuple[float, ...], count: int
 ) -> tuple[SupervisorState, list[Action]]:
-    state, actions = _stop(state, list(range(len(state.children))))
+    names = state.names
+    state, actions = _stop(state, list(names))
     reason = f"{count} restarts in {state.window:g}s (maxRestarts={state.max_restarts})"
-    actions.append(GiveUp(reason, state.names))
-    return dataclasses.replace(state, restarts=recent, gave_up=True), actions
+    actions.append(GiveUp(reason, names))
+    return _with(state, restarts=recent, gave_up=True), actions

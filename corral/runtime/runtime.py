@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import gc
 import importlib.machinery
 import itertools
 import logging
@@ -97,10 +98,14 @@ class Runtime:
         self._inproc: InprocLauncher | None = None
         self._closing = False
         self._log_seq = itertools.count(1)
+        self._gc_before: tuple[int, int, int] | None = None
 
     # ================================================================ lifecycle of the runtime
 
     async def __aenter__(self) -> Runtime:
+        if self.config.gc_threshold is not None:
+            self._gc_before = gc.get_threshold()
+            gc.set_threshold(*self.config.gc_threshold)
         self.config.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.store.open()
         self._tg = asyncio.TaskGroup()
@@ -135,8 +140,12 @@ class Runtime:
                     # group's ExceptionGroup. Only our tasks' failures surface here.
                     await self._tg.__aexit__(None, None, None)
             finally:
-                await self.zygote.close()
-                await self.store.close()
+                try:
+                    await self.zygote.close()
+                    await self.store.close()
+                finally:
+                    if self._gc_before is not None:
+                        gc.set_threshold(*self._gc_before)
 
     async def shutdown(self) -> None:
         """Drain and stop every agent (bounded by shutdown_grace), then persist."""

@@ -7,6 +7,7 @@ and turns their actions into starts, kills and give-ups.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from typing import TYPE_CHECKING
 
@@ -48,11 +49,9 @@ class SupervisionGroup:
 
     def add(self, inst: Instance, restart: Restart) -> None:
         """Supervise ``inst``; the supervisor starts it."""
-        b = restart.backoff
-        policy = BackoffPolicy(initial=max(b.initial, 1e-6), max=max(b.max, b.initial, 1e-6),
-                               multiplier=b.multiplier, jitter=b.jitter, reset_after=b.reset_after)
         self.members[inst.name] = inst
-        self._feed(ChildAdded(ChildSpec(inst.name, RestartPolicy(restart.policy), policy)))
+        self._feed(ChildAdded(ChildSpec(inst.name, RestartPolicy(restart.policy),
+                                        _backoff(restart))))
 
     def remove(self, inst: Instance) -> None:
         """Stop supervising ``inst`` (its owner stops it gracefully)."""
@@ -94,3 +93,11 @@ class SupervisionGroup:
     @staticmethod
     def _now() -> float:
         return asyncio.get_running_loop().time()
+
+
+@functools.lru_cache(maxsize=256)
+def _backoff(restart: Restart) -> BackoffPolicy:
+    # One policy per restart spec (they are frozen, hence hashable), not one per instance.
+    b = restart.backoff
+    return BackoffPolicy(initial=max(b.initial, 1e-6), max=max(b.max, b.initial, 1e-6),
+                         multiplier=b.multiplier, jitter=b.jitter, reset_after=b.reset_after)

@@ -6,12 +6,14 @@ The same host runs in the runtime's own loop (inproc tier) and in a worker proce
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import os
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -80,6 +82,40 @@ def error_info(exc: BaseException, *, with_traceback: bool = True) -> ErrorInfo:
                      traceback=tb, hint=hint)
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """What the decorators marked on a class; the same for every instance of it."""
+
+    handlers: dict[str, Callable[..., Any]]
+    schedules: list[Schedule]
+    memories: dict[str, MemoryDescriptor]
+    capabilities: list[str]
+    #: Whether each handler takes a Message (a scheduled method takes none).
+    takes_message: dict[str, bool]
+
+
+@functools.cache
+def _shape(cls: type) -> _Shape:
+    shape = _Shape({}, [], {}, [], {})
+    for klass in reversed(cls.__mro__):
+        for attr, value in vars(klass).items():
+            if isinstance(value, MemoryDescriptor):
+                shape.memories[attr] = value
+            elif isinstance(value, CapabilityDescriptor):
+                shape.capabilities.append(attr)
+            elif callable(value):
+                hname = getattr(value, HANDLER_ATTR, None)
+                mark: ScheduleMark | None = getattr(value, SCHEDULE_ATTR, None)
+                if hname:
+                    shape.handlers[hname] = value
+                if mark is not None:
+                    shape.handlers.setdefault(attr, value)
+                    shape.schedules.append(Schedule(attr, mark.interval, mark.cron))
+    for name, fn in shape.handlers.items():
+        shape.takes_message[name] = len(inspect.signature(fn).parameters) > 1
+    return shape
+
+
 class AgentHost:
     """One live instance of an agent class: handlers, memory, schedules and lifecycle hooks."""
 
@@ -87,29 +123,16 @@ class AgentHost:
                  outbound: Outbound, restarts: int = 0) -> None:
         self.cls = cls
         self.info = getattr(cls, AGENT_ATTR, None)
-        self.handlers: dict[str, Callable[..., Any]] = {}
-        self.schedules: list[Schedule] = []
-        self.memories: dict[str, MemoryDescriptor] = {}
-        self.capabilities: list[str] = []
-        for klass in reversed(cls.__mro__):
-            for attr, value in vars(klass).items():
-                if isinstance(value, MemoryDescriptor):
-                    self.memories[attr] = value
-                elif isinstance(value, CapabilityDescriptor):
-                    self.capabilities.append(attr)
-                elif callable(value):
-                    hname = getattr(value, HANDLER_ATTR, None)
-                    mark: ScheduleMark | None = getattr(value, SCHEDULE_ATTR, None)
-                    if hname:
-                        self.handlers[hname] = value
-                    if mark is not None:
-                        self.handlers.setdefault(attr, value)
-                        self.schedules.append(Schedule(attr, mark.interval, mark.cron))
+        shape = _shape(cls)
+        self.handlers = shape.handlers
+        self.schedules = shape.schedules
+        self.memories = shape.memories
+        self.capabilities = shape.capabilities
         self.ctx = Context(agent=agent, instance=instance, config=config, outbound=outbound,
                            restarts=restarts)
         self.instance: Any = None
         self._saved: dict[str, bytes] = {}
-        self._takes_msg: dict[str, bool] = {}
+        self._takes_msg = shape.takes_message
         self.memory_exhausted = False
 
     async def start(self, memory: dict[str, Any], memory_age: dict[str, float]) -> Ready:
@@ -141,7 +164,7 @@ class AgentHost:
             err = HandlerNotFound(f"no handler {d.handler!r}; handlers: {sorted(self.handlers)}")
             return Result(d.id, False, error=error_info(err, with_traceback=False))
         try:
-            if self._accepts_message(d.handler, fn):
+            if self._takes_msg[d.handler]:
                 msg = Message(content=d.payload, sender=d.sender, handler=d.handler, id=d.id,
                               kind=d.kind)
                 out = await _maybe_await(fn(self.instance, msg))
@@ -188,13 +211,6 @@ class AgentHost:
         if on_stop is not None:
             await _maybe_await(on_stop())
 
-    def _accepts_message(self, name: str, fn: Callable[..., Any]) -> bool:
-        takes = self._takes_msg.get(name)
-        if takes is None:
-            params = list(inspect.signature(fn).parameters.values())[1:]
-            takes = bool(params)
-            self._takes_msg[name] = takes
-        return takes
 
 
 async def _maybe_await(value: Any) -> Any:

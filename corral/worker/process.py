@@ -83,11 +83,33 @@ async def serve(sock: socket.socket) -> int:
     return code
 
 
-def main(fd: int) -> int:
-    """Run the worker on the connected socket ``fd``; return the process exit code."""
+def main(fd: int, loop: asyncio.AbstractEventLoop | None = None) -> int:
+    """Run the worker on the connected socket ``fd``; return the process exit code.
+
+    ``loop`` is an event loop made (and warmed) before this process got its agent, as the
+    zygote's pre-forked children do; without one a fresh loop is made.
+    """
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
+    if loop is None:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
     try:
-        return asyncio.run(serve(sock))
+        return loop.run_until_complete(serve(sock))
     except KeyboardInterrupt:
         return 130
+    finally:
+        loop.close()
+
+
+async def warm_up() -> None:
+    """Exercise the paths a worker takes, so a pre-forked child pays its page faults early."""
+    a, b = socket.socketpair()
+    try:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_connection(asyncio.Protocol, sock=a)
+        transport.write(b"x")
+        await asyncio.sleep(0)
+        transport.close()
+    finally:
+        b.close()

@@ -103,6 +103,6 @@ class Order:
 
     @handler
     async def record(self, msg: Message) -> list:
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3 if msg.content == "first" else 0.01)  # "first" holds the slot
         self.seen.append(msg.content)
         return list(self.seen)

@@ -148,7 +148,7 @@ async def test_memory_hog_without_cgroups_hits_rlimit(tmp_path) -> None:
 async def test_backpressure_and_priority_order(rt: Runtime) -> None:
     await rt.apply([manifest("order", "Order", concurrency=1, mailbox=4)], wait=True, timeout=20)
     first = asyncio.ensure_future(rt.request("order", "first"))
-    await asyncio.sleep(0.005)
+    await until(lambda: bool(inst(rt, "order").inflight))  # in flight, not in the mailbox
     low = [asyncio.ensure_future(rt.request("order", f"low{i}", priority="low")) for i in range(3)]
     crit = asyncio.ensure_future(rt.request("order", "crit", priority="critical"))
     await asyncio.sleep(0)
