@@ -16,6 +16,9 @@
         LocalProtocolError         Corral broke the wire protocol (a bug in Corral)
         RemoteProtocolError        the agent broke the wire protocol
           FrameTooLarge            a frame's length prefix is over max_frame_size
+      BusError                     the message bus failed
+        BackendUnavailable         the configured backend cannot be reached or is not installed
+        MessageRejected            spoofed, forged, tampered, oversize or rate-limited message
       AgentError
         AgentNotFound              no agent of that name is applied
         AgentUnavailable           the agent has no live instance to take the task
@@ -40,7 +43,9 @@ __all__ = [
     "AgentError",
     "AgentNotFound",
     "AgentUnavailable",
+    "BackendUnavailable",
     "Backpressure",
+    "BusError",
     "ControlError",
     "CorralError",
     "FrameTooLarge",
@@ -49,6 +54,7 @@ __all__ = [
     "LifecycleError",
     "LimitExceeded",
     "LocalProtocolError",
+    "MessageRejected",
     "RemoteProtocolError",
     "RestartLimitExceeded",
     "RuntimeNotRunning",
@@ -225,6 +231,28 @@ class FrameTooLarge(RemoteProtocolError):
     """A frame's length prefix is larger than max_frame_size."""
 
 
+class BusError(CorralError):
+    """The message bus failed."""
+
+    hint = "see docs/messaging.md"
+
+
+class BackendUnavailable(BusError):
+    """The configured bus backend cannot be reached, or its client library is missing."""
+
+    hint = "start the service or install the extra (pip install 'corral[nats]' or 'corral[redis]')"
+
+
+class MessageRejected(BusError):
+    """A message was refused: spoofed, forged, tampered with, too large, or over a rate limit."""
+
+    hint = "the message was not delivered; see `corral stats` for rejection counts"
+
+    def __init__(self, message: str, *, reason: str, hint: str | None = None) -> None:
+        self.reason = reason
+        super().__init__(message, hint=hint)
+
+
 class AgentError(CorralError):
     """A task could not be carried out by its agent."""
 
@@ -309,6 +337,8 @@ def error_from_info(error_type: str, message: str, *, hint: str = "", traceback:
         err = ControlError(message, hint=hint or None)
     elif cls is None or cls is TaskFailed:
         err = TaskFailed(message, error_type=error_type, traceback=traceback, hint=hint or None)
+    elif cls is MessageRejected:
+        err = MessageRejected(message, reason="remote", hint=hint or None)
     elif cls is LimitExceeded:
         err = LimitExceeded("resource", "", message, hint=hint or None)
     elif issubclass(cls, SpecError):

@@ -1,0 +1,1 @@
+"""The message bus: patterns, delivery guarantees and security over pluggable backends."""
