@@ -8,9 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from corral.runtime.runtime import Runtime
 from corral.spec.models import AgentManifest
+
+# Timing deadlines make property tests flaky on a loaded 2-core machine; we test logic, not speed.
+settings.register_profile("corral", deadline=None)
+settings.load_profile("corral")
 
 AGENTS = str(Path(__file__).parent / "agents")
 REQUIRE_SERVICES = os.environ.get("CORRAL_REQUIRE_SERVICES") == "1"

@@ -7,8 +7,31 @@ imports asyncio or any Corral module but ``corral.errors``.
 here: use ``lifecycle.GiveUp`` or ``supervisor.GiveUp``.
 """
 
-from corral.core import backoff, lifecycle, queue, schedule, supervisor
+from corral.core import (
+    backoff,
+    dedup,
+    delivery,
+    lifecycle,
+    queue,
+    ratelimit,
+    schedule,
+    subjects,
+    supervisor,
+)
 from corral.core.backoff import BackoffPolicy
+from corral.core.dedup import DedupWindow
+from corral.core.delivery import (
+    Ack,
+    DeadLetter,
+    Decision,
+    DeliveryPolicy,
+    Nack,
+    Outcome,
+    Redeliver,
+    Settle,
+    Timeout,
+    expired,
+)
 from corral.core.lifecycle import (
     EVENTS,
     TRANSITIONS,
@@ -34,7 +57,9 @@ from corral.core.lifecycle import (
     mermaid,
 )
 from corral.core.queue import Priority, PriorityQueue
+from corral.core.ratelimit import RateLimiter, TokenBucket
 from corral.core.schedule import next_fire, validate_cron
+from corral.core.subjects import SubjectTrie, matches, validate_filter, validate_subject
 from corral.core.supervisor import (
     Action,
     ChildAdded,
@@ -55,6 +80,7 @@ from corral.core.supervisor import (
 __all__ = [
     "EVENTS",
     "TRANSITIONS",
+    "Ack",
     "Action",
     "Allowed",
     "BackoffPolicy",
@@ -65,38 +91,58 @@ __all__ = [
     "ChildSpec",
     "ChildStarted",
     "Crashed",
+    "DeadLetter",
+    "Decision",
+    "DedupWindow",
+    "DeliveryPolicy",
     "Event",
     "InitFailed",
     "Initialized",
+    "Nack",
+    "Outcome",
     "Override",
     "Priority",
     "PriorityQueue",
+    "RateLimiter",
     "Rearm",
+    "Redeliver",
     "Restart",
     "RestartPolicy",
     "Resumed",
     "Retire",
+    "Settle",
     "StartChild",
     "State",
     "Stop",
     "StopChild",
     "Strategy",
+    "SubjectTrie",
     "SupervisorEvent",
     "SupervisorState",
     "TaskStarted",
     "TasksDone",
+    "Timeout",
+    "TokenBucket",
     "Violation",
     "Wait",
     "apply",
     "backoff",
     "decide",
+    "dedup",
+    "delivery",
     "event_from_name",
+    "expired",
     "fold",
     "lifecycle",
+    "matches",
     "mermaid",
     "next_fire",
     "queue",
+    "ratelimit",
     "schedule",
+    "subjects",
     "supervisor",
     "validate_cron",
+    "validate_filter",
+    "validate_subject",
 ]
