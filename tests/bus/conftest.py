@@ -58,5 +58,7 @@ async def make(request: Any, tmp_path: Path) -> AsyncIterator[Callable[[], BusBa
         return b
 
     yield started  # type: ignore[misc]
+    if opened and hasattr(opened[-1], "purge"):
+        await opened[-1].purge()  # NATS streams and Redis keys outlive the test otherwise
     for b in opened:
         await b.aclose()

@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import struct
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -64,6 +65,7 @@ _MAX_BATCH_BYTES: Final = 8 << 20  # payload bytes per publish script call
 _MAX_BLOCK: Final = 1.0  # longest single XREADGROUP BLOCK; bounds how late ack_wait expiry is seen
 _START_TIMEOUT: Final = 3.0
 _INSTALL_HINT: Final = "pip install 'corral[redis]'"
+_HEADER: Final = struct.Struct(">5I")  # one delivery in the fetch script's reply
 
 T = TypeVar("T")
 
@@ -124,16 +126,29 @@ return {removed, old}
 
 _FETCH: Final = """
 -- KEYS: stream, delayed.  ARGV: group, consumer, max messages, ack_wait ms
--- Returns {{id, delivered, {field, value, ...}}, ...}, ms until the next delayed entry is due (-1: none)
+-- Returns {ms until the next delayed entry is due (-1: none), deliveries}. The deliveries are
+-- one string (parsing one bulk reply is far cheaper in Python than five per message): per
+-- delivery a big-endian header of five uint32 (id length, delivered, subject, data and headers
+-- lengths) followed by the id, subject, data and headers ('' for none).
 local stream, delayed = KEYS[1], KEYS[2]
 local g, me, want, ackms = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 if redis.call('EXISTS', stream) == 0 then return redis.error_reply('NOGROUP subscription deleted') end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out = {}
+local out, n = {}, 0
+local function add(id, count, f)
+  local s, d, h = '', '', ''
+  for k = 1, #f, 2 do
+    if f[k] == 's' then s = f[k + 1] elseif f[k] == 'd' then d = f[k + 1]
+    elseif f[k] == 'h' then h = f[k + 1] end
+  end
+  out[#out + 1] = struct.pack('>I4I4I4I4I4', #id, count, #s, #d, #h)
+  out[#out + 1] = id; out[#out + 1] = s; out[#out + 1] = d; out[#out + 1] = h
+  n = n + 1
+end
 local function take(id, count)
   local e = redis.call('XCLAIM', stream, g, me, 0, id)[1]
-  if e then out[#out + 1] = {e[1], count, e[2]} end
+  if e then add(e[1], count, e[2]) end
 end
 -- 1. nacked entries whose delay is over
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0, want)) do
@@ -142,8 +157,8 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT', 0
   if p then take(id, p[4] + 1) end
 end
 -- 2. entries not settled within ack_wait (delayed ones only get their idle time reset)
-if #out < want then
-  for _, p in ipairs(redis.call('XPENDING', stream, g, 'IDLE', ackms, '-', '+', want - #out)) do
+if n < want then
+  for _, p in ipairs(redis.call('XPENDING', stream, g, 'IDLE', ackms, '-', '+', want - n)) do
     if redis.call('ZSCORE', delayed, p[1]) then
       redis.call('XCLAIM', stream, g, me, 0, p[1], 'JUSTID')
     else
@@ -152,18 +167,17 @@ if #out < want then
   end
 end
 -- 3. new entries
-if #out < want then
-  local r = redis.call('XREADGROUP', 'GROUP', g, me, 'COUNT', want - #out, 'STREAMS', stream, '>')
+if n < want then
+  local r = redis.call('XREADGROUP', 'GROUP', g, me, 'COUNT', want - n, 'STREAMS', stream, '>')
   if r then
     for _, e in ipairs(r[1][2]) do
-      if e[2] then out[#out + 1] = {e[1], 1, e[2]} end
+      if e[2] then add(e[1], 1, e[2]) end
     end
   end
 end
-local nxt = redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')[2]
-local due = -1
+local due, nxt = -1, redis.call('ZRANGE', delayed, 0, 0, 'WITHSCORES')[2]
 if nxt then due = math.max(0, tonumber(nxt) - now) end
-return {out, due}
+return {due, table.concat(out)}
 """
 
 _SETTLE: Final = """
@@ -249,71 +263,91 @@ def _redacted(url: str) -> str:
 _LEAD: Final = object()
 
 
+class _Entry(Generic[T]):
+    """A queued item and the future its caller waits on (for the outcome, or for _LEAD)."""
+
+    __slots__ = ("fut", "item")
+
+    def __init__(self, item: T, fut: asyncio.Future[object]) -> None:
+        self.item = item
+        self.fut = fut
+
+
 class _GroupCommit(Generic[T]):
     """Callers queue items; one of them at a time (the leader) sends the queue head as a batch.
 
-    A caller that finds nothing in flight leads at once, so a lone caller pays no extra hop.
-    When a leader's own item is done it hands leadership to the oldest waiter, so no background
-    task is needed and batches go out strictly in queue order, one at a time.
+    A caller that finds nothing in flight leads at once, so a lone caller pays no extra hop;
+    with ``linger`` it first lets the loop run once, so callers started in the same tick (say
+    ``gather(*(m.ack() for m in batch))``) share its round trip. When a leader's own item is done
+    it hands leadership to the oldest waiter, so no background task is needed and batches go out
+    strictly in queue order, one at a time.
     """
 
     def __init__(self, flush: Callable[[list[T]], Awaitable[None]], max_items: int,
-                 size: Callable[[T], int] = lambda _: 0, max_size: int = 0) -> None:
+                 size: Callable[[T], int] = lambda _: 0, max_size: int = 0,
+                 *, linger: bool = False) -> None:
         self._flush = flush
+        self._linger = linger
         self._max_items = max_items
         self._size = size
         self._max_size = max_size
-        self._queue: deque[tuple[T, asyncio.Future[object]]] = deque()
+        self._queue: deque[_Entry[T]] = deque()
         self._leading = False
 
     async def submit(self, item: T) -> None:
-        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, fut))
+        loop = asyncio.get_running_loop()
+        entry = _Entry(item, loop.create_future())
+        self._queue.append(entry)
         if self._leading:
             try:
-                if await fut is not _LEAD:
+                if await entry.fut is not _LEAD:
                     return
             except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled() and fut.result() is _LEAD:
-                    self._hand_off()  # we were made leader while being cancelled: pass it on
+                if not entry.fut.cancelled() and entry.fut.result() is _LEAD:
+                    self._hand_off()  # made leader while being cancelled: pass it on
                 raise
-        await self._lead(fut)
+            entry.fut = loop.create_future()  # still at the queue head: lead with it
+            await self._lead(entry.fut, linger=False)
+        else:
+            self._leading = True
+            await self._lead(entry.fut, linger=self._linger)
 
-    async def _lead(self, mine: asyncio.Future[object]) -> None:
-        self._leading = True
-        batch: list[tuple[T, asyncio.Future[object]]] = []
+    async def _lead(self, mine: asyncio.Future[object], *, linger: bool) -> None:
+        batch: list[_Entry[T]] = []
         try:
+            if linger:
+                await asyncio.sleep(0)
             while not mine.done():
                 batch = self._take()
                 try:
-                    await self._flush([item for item, _ in batch])
+                    await self._flush([e.item for e in batch])
                 except Exception as exc:
-                    for _, f in batch:
-                        if not f.done():
-                            f.set_exception(exc)
+                    for e in batch:
+                        if not e.fut.done():
+                            e.fut.set_exception(exc)
                 else:
-                    for _, f in batch:
-                        if not f.done():
-                            f.set_result(None)
+                    for e in batch:
+                        if not e.fut.done():
+                            e.fut.set_result(None)
                 batch = []
         finally:
-            for _, f in batch:  # the leader was cancelled with a batch in flight
-                if not f.done():
-                    f.set_exception(BusError(
+            for e in batch:  # the leader was cancelled with a batch in flight
+                if not e.fut.done():
+                    e.fut.set_exception(BusError(
                         "the batch was interrupted; it may or may not have been applied",
                         hint="retry if the operation matters (redelivery is at least once)"))
             self._hand_off()
         mine.result()  # raise this caller's own error, if any
 
-    def _take(self) -> list[tuple[T, asyncio.Future[object]]]:
-        batch: list[tuple[T, asyncio.Future[object]]] = []
+    def _take(self) -> list[_Entry[T]]:
+        batch: list[_Entry[T]] = []
         size = 0
         while self._queue and len(batch) < self._max_items:
-            item, fut = self._queue[0]
-            if fut.done():  # its caller was cancelled before it was sent
+            entry = self._queue[0]
+            if entry.fut.done():  # its caller was cancelled before it was sent
                 self._queue.popleft()
                 continue
-            size += self._size(item)
+            size += self._size(entry.item)
             if batch and self._max_size and size > self._max_size:
                 break
             batch.append(self._queue.popleft())
@@ -322,7 +356,7 @@ class _GroupCommit(Generic[T]):
     def _hand_off(self) -> None:
         """Make the oldest live waiter the leader; until it runs, nobody else may lead."""
         while self._queue:
-            _, fut = self._queue[0]
+            fut = self._queue[0].fut
             if not fut.done():
                 fut.set_result(_LEAD)
                 self._leading = True
@@ -331,8 +365,9 @@ class _GroupCommit(Generic[T]):
         self._leading = False
 
     def fail_pending(self, exc: BaseException) -> None:
+        """Fail every queued item (the backend is closing)."""
         while self._queue:
-            _, fut = self._queue.popleft()
+            fut = self._queue.popleft().fut
             if not fut.done():
                 fut.set_exception(exc)
 
@@ -389,11 +424,12 @@ class RedisSubscription:
         b = self._backend
         with b._errors(f"fetching from subscription {self.name!r}"):
             while True:
-                raw, due_ms = await b._eval("fetch", [self._stream, self._delayed],
-                                            [_GROUP, self._consumer, max_messages,
-                                             max(1, round(self.ack_wait * 1000))])
-                if raw:
-                    return [self._incoming(e[0], int(e[1]), e[2]) for e in raw]
+                reply = await b._eval("fetch", [self._stream, self._delayed],
+                                      [_GROUP, self._consumer, max_messages,
+                                       max(1, round(self.ack_wait * 1000))])
+                due_ms, blob = reply
+                if blob:
+                    return self._unpack(blob)
                 left = deadline - loop.time()
                 if left <= 0:
                     return []
@@ -401,9 +437,8 @@ class RedisSubscription:
                 reply = await b._client.xreadgroup(
                     _GROUP, self._consumer, {self._stream: ">"}, count=max_messages,
                     block=max(1, round(wait * 1000)))
-                got = [self._incoming(eid, 1, fields)
-                       for _, entries in _stream_items(reply) for eid, fields in entries
-                       if fields]
+                got = [self._delivery(eid, 1, f[b"s"], f[b"d"], f.get(b"h", b""))
+                       for _, entries in _stream_items(reply) for eid, f in entries if f]
                 if got:
                     return got
 
@@ -417,20 +452,33 @@ class RedisSubscription:
             with b._errors(f"closing subscription {self.name!r}"):
                 await b._eval("close", [self._stream], [_GROUP, self._consumer])
 
-    def _incoming(self, eid: bytes, delivered: int, fields: Any) -> RedisIncoming:
-        if isinstance(fields, dict):
-            f = fields
-        else:
-            f = dict(zip(fields[::2], fields[1::2], strict=True))
-        headers = json.loads(f[b"h"]) if b"h" in f else {}
-        return RedisIncoming(subject=f[b"s"].decode(), data=f[b"d"], headers=headers,
+    def _unpack(self, blob: bytes) -> list[RedisIncoming]:
+        out = []
+        view, at, end = memoryview(blob), 0, len(blob)
+        while at < end:
+            n_id, delivered, n_s, n_d, n_h = _HEADER.unpack_from(blob, at)
+            at += _HEADER.size
+            eid = blob[at:at + n_id]
+            at += n_id
+            subject = str(view[at:at + n_s], "utf-8")
+            at += n_s
+            data = blob[at:at + n_d]
+            at += n_d
+            headers = json.loads(blob[at:at + n_h]) if n_h else {}
+            at += n_h
+            out.append(RedisIncoming(subject, data, headers, delivered, eid, self))
+        return out
+
+    def _delivery(self, eid: bytes, delivered: int, subject: bytes, data: bytes,
+                  headers: bytes) -> RedisIncoming:
+        return RedisIncoming(subject=subject.decode(), data=data,
+                             headers=json.loads(headers) if headers else {},
                              delivered=delivered, id=eid, _sub=self)
 
     async def _settle(self, eid: bytes, delay_ms: int) -> None:
-        b = self._backend
-        b._require()
-        with b._errors(f"settling a message of subscription {self.name!r}"):
-            await b._settles.submit((self._stream, self._delayed, self._consumer, eid, delay_ms))
+        self._backend._require()
+        await self._backend._settles.submit((self._stream, self._delayed, self._consumer, eid,
+                                             delay_ms))
 
 
 def _stream_items(reply: Any) -> list[tuple[Any, Any]]:
@@ -444,7 +492,7 @@ def _stream_items(reply: Any) -> list[tuple[Any, Any]]:
 
 # -- the backend ---------------------------------------------------------------------------------
 
-_Publish = tuple[str, list[str], bytes, bytes]  # subject, its tokens, data, headers JSON
+_Publish = tuple[str, bytes, bytes]  # subject, data, headers JSON
 _Settle = tuple[str, str, str, bytes, int]  # stream, delayed key, consumer, entry id, delay ms
 
 
@@ -466,7 +514,8 @@ class RedisBackend:
         self._routes: dict[str, list[str]] = {}
         self._publishes: _GroupCommit[_Publish] = _GroupCommit(
             self._send_publishes, _MAX_BATCH, lambda p: len(p[2]), _MAX_BATCH_BYTES)
-        self._settles: _GroupCommit[_Settle] = _GroupCommit(self._send_settles, _MAX_BATCH)
+        self._settles: _GroupCommit[_Settle] = _GroupCommit(self._send_settles, _MAX_BATCH,
+                                                            linger=True)
 
     # lifecycle
 
@@ -520,42 +569,45 @@ class RedisBackend:
                       *, durable: bool = True) -> None:
         """Append ``data`` to every subscription matching ``subject``; returns once Redis applied it."""
         self._require()
-        tokens = _check_subject(subject)
+        if subject not in self._routes:  # routed subjects were checked already
+            _check_subject(subject)
         h = json.dumps(headers, separators=(",", ":")).encode() if headers else b""
-        with self._errors(f"publishing to {subject!r}"):
-            await self._publishes.submit((subject, tokens, bytes(data), h))
+        await self._publishes.submit((subject, data if type(data) is bytes else bytes(data), h))
 
     async def _send_publishes(self, batch: list[_Publish]) -> None:
-        for attempt in range(100):
-            if self._version is None:
-                await self._refresh()
-            keys = [self._version_key]
-            index: dict[str, int] = {}
-            args: list[Any] = [self._version]
-            for subject, tokens, data, headers in batch:
-                streams = self._route(subject, tokens)
-                if not streams:
-                    continue
-                args.append(len(streams))
-                for s in streams:
-                    if s not in index:
-                        keys.append(s)
-                        index[s] = len(keys)
-                    args.append(index[s])
-                args += (subject, data, headers)
-            if await self._eval("publish", keys, args):
-                return
-            self._version = None  # the registry changed since we cached it
-            if attempt:
-                await asyncio.sleep(min(0.001 * 2 ** attempt, 0.1))
+        self._require()
+        with self._errors(f"publishing {len(batch)} message(s)"):
+            for attempt in range(100):
+                if self._version is None:
+                    await self._refresh()
+                keys = [self._version_key]
+                index: dict[str, int] = {}
+                args: list[Any] = [self._version]
+                for subject, data, headers in batch:
+                    streams = self._route(subject)
+                    if not streams:
+                        continue
+                    args.append(len(streams))
+                    for s in streams:
+                        if s not in index:
+                            keys.append(s)
+                            index[s] = len(keys)
+                        args.append(index[s])
+                    args += (subject, data, headers)
+                if await self._eval("publish", keys, args):
+                    return
+                self._version = None  # the registry changed since we cached it
+                if attempt:
+                    await asyncio.sleep(min(0.001 * 2 ** attempt, 0.1))
         raise BusError("the subscription registry kept changing while publishing",
                        hint="something subscribes/unsubscribes in a tight loop")
 
-    def _route(self, subject: str, tokens: list[str]) -> list[str]:
+    def _route(self, subject: str) -> list[str]:
         streams = self._routes.get(subject)
         if streams is None:
             if len(self._routes) >= 10_000:
                 self._routes.clear()
+            tokens = subject.split(".")
             streams = [self._stream_key(name) for name, f in self._filters.items()
                        if _matches(f, tokens)]
             self._routes[subject] = streams
@@ -611,17 +663,19 @@ class RedisBackend:
         for stream, delayed, consumer, eid, delay_ms in batch:
             groups.setdefault((stream, delayed, consumer), []).extend((eid, delay_ms))
         calls = [([s, d], [_GROUP, c, *ops]) for (s, d, c), ops in groups.items()]
-        for attempt in (1, 2):
+        self._require()
+        with self._errors(f"settling {len(batch)} message(s)"):
             try:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for keys, args in calls:
-                        pipe.evalsha(_SCRIPTS["settle"][1], len(keys), *keys, *args)
-                    await pipe.execute()
-                return
+                await self._settle_calls(calls)
             except self._exc.NoScriptError:  # Redis restarted or SCRIPT FLUSH: load, resend
-                if attempt == 2:
-                    raise
                 await self._load_scripts()
+                await self._settle_calls(calls)
+
+    async def _settle_calls(self, calls: list[tuple[list[str], list[Any]]]) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            for keys, args in calls:
+                pipe.evalsha(_SCRIPTS["settle"][1], len(keys), *keys, *args)
+            await pipe.execute()
 
     # maintenance
 
@@ -669,28 +723,35 @@ class RedisBackend:
     @contextmanager
     def _errors(self, doing: str) -> Iterator[None]:
         """The one place redis-py's exceptions become Corral's, raised ``from`` the original."""
-        where = _redacted(self.url)
-        unavailable = f"start Redis at {where} (shared/services.sh)"
         try:
             yield
         except BusError:
             raise
-        except TimeoutError as exc:  # asyncio.timeout around connecting
-            raise BackendUnavailable(f"Redis at {where} did not answer while {doing}",
-                                     hint=unavailable) from exc
         except Exception as exc:
-            errors = self._exc
-            if errors is None or not isinstance(exc, errors.RedisError | OSError):
+            mapped = self._mapped(exc, doing)
+            if mapped is None:
                 raise
-            if isinstance(exc, errors.AuthenticationError):
-                raise BackendUnavailable(f"Redis at {where} refused our credentials while "
-                                         f"{doing}: {exc}",
-                                         hint="check the user and password in the URL") from exc
-            if isinstance(exc, errors.ConnectionError | errors.TimeoutError | OSError):
-                raise BackendUnavailable(f"Redis at {where} is unreachable while {doing}: {exc}",
-                                         hint=unavailable) from exc
-            if isinstance(exc, errors.ResponseError) and (
-                    "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc)):
-                raise BusError(f"the subscription was deleted while {doing}",
-                               hint="subscribe again to recreate it") from exc
-            raise BusError(f"Redis failed while {doing}: {exc}") from exc
+            raise mapped from exc
+
+    def _mapped(self, exc: Exception, doing: str) -> BusError | None:
+        """Corral's error for one of redis-py's (or a connect timeout); None for anything else."""
+        where = _redacted(self.url)
+        unavailable = f"start Redis at {where} (shared/services.sh)"
+        if isinstance(exc, TimeoutError):  # asyncio.timeout around connecting
+            return BackendUnavailable(f"Redis at {where} did not answer while {doing}",
+                                      hint=unavailable)
+        errors = self._exc
+        if errors is None or not isinstance(exc, errors.RedisError | OSError):
+            return None
+        if isinstance(exc, errors.AuthenticationError):
+            return BackendUnavailable(f"Redis at {where} refused our credentials while "
+                                      f"{doing}: {exc}",
+                                      hint="check the user and password in the URL")
+        if isinstance(exc, errors.ConnectionError | errors.TimeoutError | OSError):
+            return BackendUnavailable(f"Redis at {where} is unreachable while {doing}: {exc}",
+                                      hint=unavailable)
+        if isinstance(exc, errors.ResponseError) and (
+                "NOGROUP" in str(exc) or "UNBLOCKED" in str(exc)):
+            return BusError(f"the subscription was deleted while {doing}",
+                            hint="subscribe again to recreate it")
+        return BusError(f"Redis failed while {doing}: {exc}")
