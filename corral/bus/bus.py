@@ -162,8 +162,9 @@ class Bus:
             self.rejected[exc.reason] += 1
             await self._dead(name, inc, env, f"rejected: {exc.message}")
             return
-        key = env.idempotency_key
-        if env.guarantee == "effectively-once" and key and self._dedup.seen(f"{name}\0{key}", now):
+        key = f"{name}\0{env.idempotency_key}" if env.idempotency_key else None
+        once = env.guarantee == "effectively-once" and key is not None
+        if once and self._dedup.contains(key, now):  # type: ignore[arg-type]
             self.rejected["duplicate"] += 1
             await inc.ack()
             return
@@ -184,6 +185,9 @@ class Bus:
             elif isinstance(decision, DeadLetter):
                 await self._dead(name, inc, env, decision.reason)
             return
+        if once:
+            # Recorded only once handled: a failed attempt must still be retried.
+            self._dedup.seen(key, time.time())  # type: ignore[arg-type]
         self.delivered[name] += 1
         await inc.ack()
 

@@ -341,6 +341,25 @@ def send(
 
 @app.command()
 @_command
+def publish(
+    subject: Annotated[str, typer.Argument(help="Topic, like news.eu.")],
+    payload: Annotated[str | None, typer.Argument(help="JSON (else sent as a string).")] = None,
+    guarantee: Annotated[str, typer.Option(
+        help="at-most-once, at-least-once or effectively-once.")] = "at-most-once",
+    ttl: Annotated[float | None, typer.Option(help="Seconds the message may live.")] = None,
+    key: Annotated[str | None, typer.Option(
+        "--key", help="Idempotency key (effectively-once).")] = None,
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Publish a message on a topic; subscribed agents get it (see docs/messaging.md)."""
+    res = _client(home).call("publish", subject=subject, payload=_payload(payload),
+                             guarantee=guarantee, ttl=ttl, idempotency_key=key)
+    _show(output, res, lambda: out.print(res["id"], markup=False, highlight=False))
+
+
+@app.command()
+@_command
 def task(
     task_id: Annotated[str, typer.Argument(metavar="ID", help="From `corral send`.")],
     home: HomeOpt = None,
@@ -435,6 +454,97 @@ def delete(
 def _done(output: Output, name: str, what: str) -> None:
     _show(output, {"agent": name, "action": what},
           lambda: out.print(f"agent/{name} {what}", markup=False, highlight=False))
+
+
+# ====================================================================== dead letters
+
+dlq_app = typer.Typer(name="dlq", no_args_is_help=True,
+                      help="Dead letters: messages the bus gave up on (ls, show, replay, purge).")
+app.add_typer(dlq_app)
+
+SubscriptionOpt = Annotated[str | None, typer.Option(
+    "--subscription", "-s", help="Only this subscription.", show_default=False)]
+
+
+@dlq_app.command("ls")
+@_command
+def dlq_ls(
+    subscription: SubscriptionOpt = None,
+    limit: Annotated[int, typer.Option(help="At most N dead letters.")] = 100,
+    after: Annotated[int, typer.Option(help="Only those with a seq above this (paging).")] = 0,
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """List dead letters, oldest first: SEQ TIME SUBSCRIPTION SUBJECT SENDER DELIVERED REASON."""
+    rows = _client(home).call("dlq.ls", subscription=subscription, limit=limit, after=after)
+    if output is Output.json:
+        render.print_json(out, rows)
+        return
+    if not rows:
+        err.print("No dead letters.", markup=False)
+        return
+    render.show(out, render.dead_letters_table(rows))
+    if len(rows) >= limit:
+        err.print(f"(first {limit}; see more with --after {rows[-1]['seq']})", markup=False,
+                  highlight=False)
+
+
+@dlq_app.command("show")
+@_command
+def dlq_show(
+    seq: Annotated[int, typer.Argument(metavar="SEQ", help="From `corral dlq ls`.")],
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """One dead letter: why, how often it was delivered, and its decoded envelope."""
+    d = _client(home).call("dlq.show", seq=seq)
+    _show(output, d, lambda: render.dead_letter_view(out, d))
+
+
+@dlq_app.command("replay")
+@_command
+def dlq_replay(
+    seqs: Annotated[list[int] | None, typer.Argument(metavar="SEQ",
+                                                     help="Dead letters to replay.")] = None,
+    subscription: Annotated[str | None, typer.Option(
+        "--subscription", "-s", help="Replay every dead letter of this subscription.",
+        show_default=False)] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Republish dead letters, unchanged, to their original subject; each replayed one is removed."""
+    if sum((bool(seqs), subscription is not None, all_)) != 1:
+        raise CorralError("give exactly one of: SEQ..., --subscription S, --all",
+                          hint="see the seqs with `corral dlq ls`")
+    r = _client(home, timeout=300.0).call("dlq.replay", seqs=seqs or [],
+                                          subscription=subscription, all=all_)
+    _show(output, r, lambda: out.print(f"replayed {r['replayed']} dead letter(s)",
+                                       markup=False, highlight=False))
+
+
+@dlq_app.command("purge")
+@_command
+def dlq_purge(
+    subscription: Annotated[str | None, typer.Option(
+        "--subscription", "-s", help="Only this subscription's dead letters.",
+        show_default=False)] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Delete dead letters for good (asks first, unless --yes or -o json)."""
+    if not yes and output is not Output.json:
+        what = f"of subscription {subscription!r}" if subscription else "of every subscription"
+        if not sys.stdin.isatty():
+            raise CorralError(f"refusing to delete the dead letters {what} without confirmation",
+                              hint="pass --yes")
+        if not typer.confirm(f"Delete the dead letters {what} for good?", default=False):
+            err.print("Nothing was purged.", markup=False)
+            raise typer.Exit(1)
+    r = _client(home).call("dlq.purge", subscription=subscription)
+    _show(output, r, lambda: out.print(f"purged {r['purged']} dead letter(s)",
+                                       markup=False, highlight=False))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

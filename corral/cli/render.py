@@ -14,6 +14,8 @@ from rich.text import Text
 __all__ = [
     "age",
     "agents_table",
+    "dead_letter_view",
+    "dead_letters_table",
     "describe_agent",
     "kv_table",
     "log_line",
@@ -85,6 +87,42 @@ def agents_table(rows: Sequence[dict[str, Any]]) -> Table:
     return table(headers, ([r["name"], r["namespace"], r["mode"], r["isolation"], r["status"],
                             r["ready"], r["restarts"], r["tasks"], r["failed"], age(r["age"])]
                            for r in rows))
+
+
+def dead_letters_table(rows: Sequence[dict[str, Any]]) -> Table:
+    """`corral dlq ls`."""
+    headers = ["seq", "time", "subscription", "subject", "sender", "delivered", "reason"]
+    return table(headers, ([r["seq"], timestamp(r.get("ts")), r["subscription"], r.get("subject"),
+                            r.get("sender"), r.get("delivered"), r.get("reason")]
+                           for r in rows))
+
+
+def dead_letter_view(console: Console, d: dict[str, Any]) -> None:
+    """`corral dlq show SEQ`: the record, then its envelope (or why it could not be decoded)."""
+    show(console, kv_table([
+        ("Seq", d["seq"]), ("Time", timestamp(d.get("ts"))),
+        ("Subscription", d.get("subscription")), ("Reason", d.get("reason")),
+        ("Delivered", d.get("delivered")), ("Size", f"{d.get('size', 0)} bytes"),
+    ]))
+    env = d.get("envelope")
+    if env is None:
+        _section(console, "Envelope", Text(
+            f"undecodable: {d.get('decode_error') or '?'}\n{d.get('data_preview') or ''}".rstrip()))
+        return
+    ttl = env.get("ttl")
+    headers = ", ".join(f"{k}={v}" for k, v in (env.get("headers") or {}).items())
+    _section(console, "Envelope", kv_table([
+        ("ID", env.get("id")), ("Subject", env.get("subject")), ("Sender", env.get("sender")),
+        ("Kind", env.get("kind")), ("Guarantee", env.get("guarantee")),
+        ("Created", timestamp(env.get("created"))),
+        ("TTL", None if ttl is None else f"{ttl:g}s (expires "
+                                         f"{timestamp(env.get('expires_at'))})"),
+        ("Idempotency key", env.get("idempotency_key")), ("Reply to", env.get("reply_to")),
+        ("Correlation ID", env.get("correlation_id")), ("Headers", headers),
+        ("Encrypted", "yes" if env.get("encrypted") else "no"),
+        ("Signed", f"yes ({env.get('signer_key_id')})" if env.get("signed") else "no"),
+        ("Payload", env.get("payload")),
+    ]))
 
 
 def timestamp(ts: float | None) -> str:

@@ -55,6 +55,12 @@ class DedupWindow:
         self._keys[key] = now
         return False
 
+    def contains(self, key: str, now: float) -> bool:
+        """True if ``key`` was recorded within the window; records nothing."""
+        now = self._advance(now)
+        self._expire()
+        return key in self._keys
+
     def expire(self, now: float) -> int:
         """Forget keys older than the window (``seen`` does this too); return how many went."""
         self._advance(now)

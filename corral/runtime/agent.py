@@ -257,6 +257,7 @@ class AgentController:
             self.gave_up = reason
             self.rt.store.append_event(self.name, "agent.gave_up", {"reason": reason})
             self.rt.log(self.name, "", "error", f"supervisor gave up: {reason}")
+            self.rt.pause_subscriptions(self.name)
             err = AgentUnavailable(f"agent {self.name!r} was given up: {reason}")
             for work in self.mailbox.drain():
                 self.fail(work, err)

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from corral.bus.bus import BusConfig
+
 __all__ = ["RuntimeConfig", "default_home"]
 
 
@@ -36,11 +38,24 @@ class RuntimeConfig:
     #: live agents make every default (700-object) collection rescan a large young heap;
     #: the old thresholds are restored on exit. None leaves the GC alone.
     gc_threshold: tuple[int, int, int] | None = (50_000, 20, 100)
+    #: The message bus backend: "local" (SQLite in CORRAL_HOME), "nats" or "redis".
+    bus: str = "local"
+    #: Where the nats/redis server is (default: 127.0.0.1 on the standard port).
+    bus_url: str | None = None
+    #: Namespaces this runtime's subjects and subscriptions on a shared server.
+    bus_prefix: str = "corral"
+    #: Limits and security of the bus: message size, per-sender rate, encrypted subjects.
+    bus_config: BusConfig = field(default_factory=BusConfig)
 
     @property
     def store_path(self) -> Path:
         """The SQLite database."""
         return self.home / "corral.db"
+
+    @property
+    def keys_dir(self) -> Path:
+        """Agent signing keys and the bus keyring (0700)."""
+        return self.home / "keys"
 
     @property
     def socket_path(self) -> Path:

@@ -29,6 +29,7 @@ from corral.spec.models import AgentManifest
 from corral.store.records import LogRecord
 
 if TYPE_CHECKING:
+    from corral.runtime.dlq import DeadLetters
     from corral.runtime.runtime import Runtime
 
 __all__ = ["MAX_LINE", "ControlServer", "internal_error"]
@@ -92,6 +93,14 @@ class _Send(msgspec.Struct):
     priority: str | None = None
 
 
+class _Publish(msgspec.Struct):
+    subject: str
+    payload: Any = None
+    guarantee: str = "at-most-once"
+    ttl: float | None = None
+    idempotency_key: str | None = None
+
+
 class _Task(msgspec.Struct):
     id: str
 
@@ -112,6 +121,26 @@ class _Logs(msgspec.Struct):
     limit: int = 1000
     tail: int | None = None
     follow: bool = False
+
+
+class _DlqLs(msgspec.Struct):
+    subscription: str | None = None
+    limit: int = 100
+    after: int = 0
+
+
+class _DlqShow(msgspec.Struct):
+    seq: int
+
+
+class _DlqReplay(msgspec.Struct):
+    seqs: list[int] = []
+    subscription: str | None = None
+    all: bool = False
+
+
+class _DlqPurge(msgspec.Struct):
+    subscription: str | None = None
 
 
 _decode_request = msgspec.json.Decoder(_Envelope).decode
@@ -376,6 +405,16 @@ class ControlServer:
         return await self.rt.send(a.name, a.payload, handler=a.handler,
                                   priority=a.priority)
 
+    async def _publish(self, a: _Publish, conn: _Conn, rid: Any) -> Any:
+        if a.guarantee not in ("at-most-once", "at-least-once", "effectively-once"):
+            raise SpecError("unknown guarantee", path="guarantee", got=a.guarantee,
+                            expected="at-most-once, at-least-once or effectively-once")
+        # The sender is stamped here, from the channel: a client of the control socket.
+        mid = await self.rt.publish(a.subject, a.payload, sender="client",
+                                    guarantee=a.guarantee,  # type: ignore[arg-type]
+                                    ttl=a.ttl, idempotency_key=a.idempotency_key)
+        return {"id": mid}
+
     async def _task(self, a: _Task, conn: _Conn, rid: Any) -> Any:
         rec = await self.rt.task(a.id)
         if rec is None:
@@ -442,6 +481,29 @@ class ControlServer:
                 if (rec.ts, rec.instance, rec.message) not in seen:
                     await conn.send({"id": rid, "stream": dataclasses.asdict(rec)})
 
+    # ------------------------------------------------------------ dead letters
+
+    def _dlq(self) -> DeadLetters:
+        dlq = self.rt.dlq
+        if dlq is None:  # the bus starts with the runtime; a request can come in before it
+            raise ControlError("the dead-letter queue is not open yet",
+                               hint="wait until the runtime has started, then try again")
+        return dlq
+
+    async def _dlq_ls(self, a: _DlqLs, conn: _Conn, rid: Any) -> Any:
+        return await self._dlq().ls(a.subscription, limit=a.limit, after=a.after)
+
+    async def _dlq_show(self, a: _DlqShow, conn: _Conn, rid: Any) -> Any:
+        return await self._dlq().show(a.seq)
+
+    async def _dlq_replay(self, a: _DlqReplay, conn: _Conn, rid: Any) -> Any:
+        n = await self._dlq().replay(self.rt.republish, a.seqs or None,
+                                     subscription=a.subscription, everything=a.all)
+        return {"replayed": n}
+
+    async def _dlq_purge(self, a: _DlqPurge, conn: _Conn, rid: Any) -> Any:
+        return {"purged": await self._dlq().purge(a.subscription)}
+
 
 _OPS: dict[str, tuple[type[msgspec.Struct], Handler]] = {
     "ping": (_NoArgs, ControlServer._ping),
@@ -451,10 +513,15 @@ _OPS: dict[str, tuple[type[msgspec.Struct], Handler]] = {
     "describe": (_Name, ControlServer._describe),
     "request": (_RequestArgs, ControlServer._request),
     "send": (_Send, ControlServer._send),
+    "publish": (_Publish, ControlServer._publish),
     "task": (_Task, ControlServer._task),
     "scale": (_Scale, ControlServer._scale),
     "stop": (_Name, ControlServer._stop),
     "delete": (_Delete, ControlServer._delete),
     "stats": (_NoArgs, ControlServer._stats),
     "logs": (_Logs, ControlServer._logs),
+    "dlq.ls": (_DlqLs, ControlServer._dlq_ls),
+    "dlq.show": (_DlqShow, ControlServer._dlq_show),
+    "dlq.replay": (_DlqReplay, ControlServer._dlq_replay),
+    "dlq.purge": (_DlqPurge, ControlServer._dlq_purge),
 }

@@ -38,6 +38,7 @@ from corral.wire.messages import (
     InitError,
     Log,
     MemorySave,
+    Publish,
     Ready,
     Request,
     Result,
@@ -216,7 +217,7 @@ class Instance:
         if self.state is _READY:
             self.transition(TaskStarted(handler))
         self.channel.send(Deliver(work.id, handler, work.payload, work.sender, work.kind,  # type: ignore[arg-type]
-                                  work.timeout))
+                                  work.timeout, subject=work.subject))
         work.timer = loop.call_later(work.timeout, self._on_timeout, work)
 
     def default_handler(self) -> str:
@@ -288,6 +289,8 @@ class Instance:
             self.rt.spawn(self.rt.route_send(self, msg))  # type: ignore[arg-type]
         elif t is Request:
             self.rt.spawn(self._route_request(msg))  # type: ignore[arg-type]
+        elif t is Publish:
+            self.rt.spawn(self.rt.route_publish(self, msg))  # type: ignore[arg-type]
         elif t is Log:
             self.rt.log(self.agent.name, self.name, msg.level, msg.message)  # type: ignore[union-attr]
         elif t is MemorySave:

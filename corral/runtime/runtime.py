@@ -22,6 +22,9 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from corral.bus.backends import open_backend
+from corral.bus.bus import Bus
+from corral.bus.envelope import Guarantee
 from corral.core.lifecycle import Crashed, InitFailed, State
 from corral.core.queue import Priority
 from corral.errors import (
@@ -35,6 +38,7 @@ from corral.errors import (
 )
 from corral.runtime.agent import AgentController
 from corral.runtime.config import RuntimeConfig
+from corral.runtime.dlq import DeadLetters
 from corral.runtime.instance import IDLE_LINGER, Instance
 from corral.runtime.projection import Projection
 from corral.runtime.scheduler import Scheduler
@@ -99,6 +103,9 @@ class Runtime:
         self._closing = False
         self._log_seq = itertools.count(1)
         self._gc_before: tuple[int, int, int] | None = None
+        self.bus: Bus | None = None
+        self.dlq: DeadLetters | None = None
+        self._consumers: dict[str, list[asyncio.Task[None]]] = {}
 
     # ================================================================ lifecycle of the runtime
 
@@ -111,6 +118,7 @@ class Runtime:
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         try:
+            await self._open_bus()
             if self.config.use_cgroups:
                 self.cgroup_support = await asyncio.to_thread(detect)
             manager = None
@@ -142,6 +150,8 @@ class Runtime:
             finally:
                 try:
                     await self.zygote.close()
+                    if self.bus is not None:
+                        await self.bus.backend.aclose()
                     await self.store.close()
                 finally:
                     if self._gc_before is not None:
@@ -153,6 +163,9 @@ class Runtime:
             return
         self._closing = True
         self.scheduler.close()
+        for tasks in self._consumers.values():
+            for task in tasks:
+                task.cancel()
         await asyncio.gather(*(a.stop_all("runtime shutdown") for a in self.agents.values()))
         for q in (q for qs in self._followers.values() for q in qs):
             _offer(q, None)
@@ -164,6 +177,22 @@ class Runtime:
             coro.close()
             raise CorralError("the runtime is not running", hint="use `async with Runtime() as rt:`")
         self._tg.create_task(coro)
+
+    async def _open_bus(self) -> None:
+        cfg = self.config
+        backend = open_backend(cfg.bus, home=cfg.home, url=cfg.bus_url, prefix=cfg.bus_prefix)
+        await backend.start()
+        cfg.keys_dir.mkdir(mode=0o700, exist_ok=True)
+        keyring = None
+        if cfg.bus_config.encrypted:
+            from corral.bus.crypto import Keyring
+
+            keyring = Keyring(cfg.keys_dir / "bus-keyring.json")
+        from corral.bus.crypto import AgentKeys
+
+        self.dlq = DeadLetters(self.store)
+        self.bus = Bus(backend, cfg.bus_config, dead_letters=self.dlq, keyring=keyring,
+                       signer=AgentKeys(cfg.keys_dir / "agents"))
 
     async def _restore(self) -> None:
         proj = Projection().fold(await self.store.events())
@@ -321,6 +350,7 @@ class Runtime:
 
     def _start_controller(self, ctl: AgentController) -> None:
         ctl.reconcile()
+        self._subscribe(ctl)
         sched = ctl.spec.schedule
         if ctl.spec.mode == "scheduled" and sched is not None and not ctl.stopped:
             self.scheduler.ensure(ctl, [Schedule(sched.handler, cron=sched.cron)], sched.payload)
@@ -330,6 +360,7 @@ class Runtime:
 
     async def _remove_controller(self, ctl: AgentController, reason: str) -> None:
         self.scheduler.remove_agent(ctl.name)
+        self.pause_subscriptions(ctl.name)
         await ctl.stop_all(reason)
         if self.agents.get(ctl.name) is ctl:
             del self.agents[ctl.name]
@@ -365,14 +396,14 @@ class Runtime:
 
     async def request(self, name: str, payload: Any = None, *, handler: str = "",
                       timeout: float | None = None, priority: str | None = None,
-                      sender: str = "client") -> Any:
+                      sender: str = "client", subject: str = "", kind: str = "request") -> Any:
         """Send a task and wait for its result; raises TaskFailed, TaskTimeout, ..."""
         prio = self._priority(priority, Priority.NORMAL) if priority else None
         ctl = self._agent(name)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        work = Work(next(self._ids), handler, payload, sender, "request",
+        work = Work(next(self._ids), handler, payload, sender, kind,
                     prio if prio is not None else ctl.priority,
-                    timeout or ctl.spec.resources.task_timeout, future=fut)
+                    timeout or ctl.spec.resources.task_timeout, future=fut, subject=subject)
         ctl.submit(work)
         try:
             return await fut
@@ -400,6 +431,65 @@ class Runtime:
             self.store.finish_task(task_id, "failed", error=str(exc))
             raise
         return task_id
+
+    # ================================================================ bus
+
+    async def publish(self, subject: str, payload: Any = None, *, sender: str = "client",
+                      guarantee: Guarantee = "at-most-once", ttl: float | None = None,
+                      idempotency_key: str | None = None,
+                      headers: dict[str, str] | None = None) -> str:
+        """Publish to a topic as ``sender``; returns the message id."""
+        self._check_open()
+        assert self.bus is not None
+        env = await self.bus.publish(sender, subject, payload, guarantee=guarantee, ttl=ttl,
+                                     idempotency_key=idempotency_key, headers=headers)
+        return env.id
+
+    async def route_publish(self, inst: Instance, msg: Any) -> None:
+        """An agent's publish: the sender is the agent the channel belongs to."""
+        try:
+            await self.publish(msg.subject, msg.payload, sender=inst.agent.name,
+                               guarantee=msg.guarantee, ttl=msg.ttl,
+                               idempotency_key=msg.idempotency_key, headers=dict(msg.headers))
+        except CorralError as exc:
+            self.log(inst.agent.name, inst.name, "error", f"publish to {msg.subject!r} failed: {exc}")
+
+    async def republish(self, subject: str, data: bytes) -> None:
+        """Put a dead letter's original bytes back on its subject."""
+        assert self.bus is not None
+        await self.bus.backend.publish(subject, data)
+
+    def pause_subscriptions(self, name: str) -> None:
+        """Stop fetching for an agent that cannot take work; messages wait, durably."""
+        for task in self._consumers.pop(name, []):
+            task.cancel()
+
+    def _subscribe(self, ctl: AgentController) -> None:
+        if self.bus is None or not ctl.spec.subscriptions or ctl.stopped or ctl.gave_up \
+                or ctl.name in self._consumers:
+            return
+        tasks = self._consumers.setdefault(ctl.name, [])
+        for s in ctl.spec.subscriptions:
+            # One fetcher per replica (at most 16): they compete, so each message reaches
+            # the agent once, and up to `replicas` are handled at a time.
+            for _ in range(min(16, max(1, ctl.replicas))):
+                assert self._tg is not None
+                tasks.append(self._tg.create_task(self._consume(ctl.name, s)))
+
+    async def _consume(self, agent: str, s: Any) -> None:
+        assert self.bus is not None
+
+        async def deliver(env: Any) -> None:
+            # Acknowledged only after the agent's handler returned: a crash or an error
+            # redelivers (at-least-once), per the message's guarantee.
+            await self.request(agent, env.payload, handler=s.handler, sender=env.sender,
+                               subject=env.subject, kind="publish")
+
+        try:
+            await self.bus.consume(_subscription_name(agent, s.subject), s.subject, deliver,
+                                   ack_wait=s.ack_wait)
+        except CorralError as exc:
+            self.log(agent, "", "error", f"subscription {s.subject!r} stopped: {exc}")
 
     def submit_scheduled(self, ctl: AgentController, handler: str, payload: Any) -> None:
         """Queue one scheduled run."""
@@ -437,11 +527,16 @@ class Runtime:
         self.store.append_event(name, "agent.scaled", {"replicas": replicas})
         await self.store.commit()
         ctl.reconcile()
+        if replicas == 0:
+            self.pause_subscriptions(name)
+        else:
+            self._subscribe(ctl)
 
     async def stop(self, name: str) -> None:
         """Stop every instance; the agent stays applied (scale it to start again)."""
         ctl = self._agent(name)
         ctl.stopped = True
+        self.pause_subscriptions(name)
         self.store.append_event(name, "agent.stopped", {})
         await self.store.commit()
         await ctl.stop_all("stopped")
@@ -450,6 +545,9 @@ class Runtime:
         """Stop and remove an agent; ``purge`` also drops its persistent memory."""
         ctl = self._agent(name)
         await self._remove_controller(ctl, "deleted")
+        if self.bus is not None:
+            for s in ctl.spec.subscriptions:
+                await self.bus.backend.unsubscribe(_subscription_name(name, s.subject))
         for work in ctl.mailbox.drain():
             ctl.fail(work, AgentNotFound(f"agent {name!r} was deleted"))
         self.store.append_event(name, "agent.deleted", {"purge": purge})
@@ -564,6 +662,10 @@ class Runtime:
             "avg_task_ms": round(t / done * 1000, 3) if done else None,
             "uptime_s": round(time.time() - self.counters.started_at, 1),
             "store": self.store.stats,
+            "bus": {"backend": self.config.bus,
+                    "delivered": sum(self.bus.delivered.values()) if self.bus else 0,
+                    "rejected": dict(self.bus.rejected) if self.bus else {},
+                    "dead_letters": self.dlq.stats() if self.dlq else {}},
             "per_agent": {a.name: self._agent_stats(a) for a in self.agents.values()},
         }
 
@@ -651,6 +753,11 @@ class Runtime:
             samples = await asyncio.to_thread(_sample_all, insts)
             for i, s in zip(insts, samples, strict=True):
                 i.sample = s
+
+
+def _subscription_name(agent: str, subject: str) -> str:
+    # Stable across restarts, so a durable subscription resumes where it stopped.
+    return f"{agent}:{subject}"
 
 
 def _sample_all(insts: list[Instance]) -> list[dict[str, Any]]:

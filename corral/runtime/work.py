@@ -31,3 +31,5 @@ class Work:
     timer: asyncio.TimerHandle | None = None
     #: The caller was told it timed out; the agent's late Result is ignored.
     abandoned: bool = False
+    #: The topic, for work that arrived from a subscription.
+    subject: str = ""

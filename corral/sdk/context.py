@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any, Protocol
 
+from corral.core.subjects import validate_subject
+from corral.wire.messages import Guarantee
+
 __all__ = ["Context", "Outbound"]
+
+_GUARANTEES: frozenset[str] = frozenset(("at-most-once", "at-least-once", "effectively-once"))
 
 
 class Outbound(Protocol):
@@ -15,6 +21,10 @@ class Outbound(Protocol):
 
     async def request(self, to: str, payload: Any, handler: str, timeout: float | None) -> Any:
         """Ask another agent and return its answer, or raise its error."""
+
+    def publish(self, subject: str, payload: Any, guarantee: Guarantee, ttl: float | None,
+                idempotency_key: str | None, headers: dict[str, str]) -> None:
+        """Queue a one-way message on a subject, for every matching subscriber."""
 
     def log(self, level: str, message: str) -> None:
         """Record a log line for this agent."""
@@ -40,6 +50,30 @@ class Context:
                       timeout: float | None = None) -> Any:
         """Ask the agent named ``to`` and return its answer; raises TaskFailed/TaskTimeout."""
         return await self._out.request(to, payload, handler, timeout)
+
+    def publish(self, subject: str, payload: Any = None, *, guarantee: Guarantee = "at-most-once",
+                ttl: float | timedelta | None = None, idempotency_key: str | None = None,
+                headers: dict[str, str] | None = None) -> None:
+        """Publish ``payload`` on ``subject`` to every agent subscribed to a matching filter.
+
+        One-way: it returns at once and nothing comes back. A malformed subject (or another
+        bad argument) raises ValueError here; anything the runtime refuses later (no route,
+        a full mailbox, ...) shows up as an error line in this agent's log (``corral logs NAME``).
+        ``ttl`` is how long the message stays deliverable; ``idempotency_key`` lets the bus
+        drop repeats under ``guarantee="effectively-once"``.
+        """
+        try:
+            validate_subject(subject)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"can't publish on subject {subject!r}: {exc}") from exc
+        if guarantee not in _GUARANTEES:
+            raise ValueError(f"can't publish with guarantee {guarantee!r}: use one of "
+                             f"{', '.join(sorted(_GUARANTEES))}")
+        seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else ttl
+        if seconds is not None and not seconds > 0:
+            raise ValueError(f"can't publish with ttl {ttl!r}: it must be positive (or None)")
+        self._out.publish(subject, payload, guarantee, None if seconds is None else float(seconds),
+                          idempotency_key, dict(headers or {}))
 
     def log(self, message: str, *, level: str = "info") -> None:
         """Write a line to this agent's log (``corral logs NAME``)."""

@@ -166,7 +166,7 @@ class AgentHost:
         try:
             if self._takes_msg[d.handler]:
                 msg = Message(content=d.payload, sender=d.sender, handler=d.handler, id=d.id,
-                              kind=d.kind)
+                              kind=d.kind, subject=d.subject)
                 out = await _maybe_await(fn(self.instance, msg))
             else:
                 out = await _maybe_await(fn(self.instance))

@@ -18,6 +18,8 @@ class Message:
     id: int = 0
     kind: str = "request"
     headers: dict[str, str] = field(default_factory=dict)
+    #: The subject it was published on (kind "publish"); "" for other messages.
+    subject: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,6 +85,21 @@ def _entrypoint(v: str) -> str:
     return v
 
 
+def _subject_filter(v: str) -> str:
+    from corral.core.subjects import validate_filter
+
+    try:
+        validate_filter(v)
+    except ValueError as exc:
+        raise ValueError(f"expected a subject filter like 'news.*' or 'news.>': {exc}") from None
+    return v
+
+
+def _subscription(v: Any) -> Any:
+    # `subscriptions: [news.*]` is shorthand for `[{subject: news.*}]`.
+    return {"subject": v} if isinstance(v, str) else v
+
+
 def _tool_name(v: str) -> str:
     if not _TOOL_NAME.fullmatch(v):
         raise ValueError("expected a tool name of 1-63 letters, digits, '_', '.' or '-', "
@@ -195,6 +210,16 @@ class ScheduleSpec(_Model):
     payload: Any = None
 
 
+class SubscriptionSpec(_Model):
+    """A topic the agent listens to, and the handler that gets its messages."""
+
+    subject: Annotated[str, AfterValidator(_subject_filter)]
+    #: The handler for these messages ("" = the agent's default handler).
+    handler: str = ""
+    #: How long a delivery may stay unacknowledged before it is redelivered.
+    ack_wait: Annotated[Duration, Field(gt=0)] = 30.0
+
+
 class ToolSpec(_Model):
     """An MCP tool server: a local command (stdio) or a URL, exactly one of them."""
 
@@ -232,7 +257,7 @@ class AgentSpec(_Model):
     resources: Resources = Field(default_factory=Resources)
     restart: Restart = Field(default_factory=Restart)
     health: Health = Field(default_factory=Health)
-    subscriptions: list[NonEmptyStr] = []
+    subscriptions: list[Annotated[SubscriptionSpec, BeforeValidator(_subscription)]] = []
     tools: list[ToolSpec] = []
     config: dict[str, Any] = {}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PENDING_STATUSES", "LogRecord", "StoredEvent", "TaskRecord"]
+__all__ = ["PENDING_STATUSES", "DeadLetterRecord", "LogRecord", "StoredEvent", "TaskRecord"]
 
 #: Task statuses that mean "not finished yet"; everything else is terminal.
 PENDING_STATUSES: tuple[str, ...] = ("queued", "running")
@@ -51,3 +51,23 @@ class LogRecord:
     instance: str
     level: str
     message: str
+
+
+@dataclass(frozen=True)
+class DeadLetterRecord:
+    """A message the bus gave up on, kept with why, until it is replayed or purged.
+
+    ``data`` is the message exactly as the backend delivered it (a msgpack Envelope, maybe
+    sealed or signed); ``message_id``, ``subject`` and ``sender`` come from its envelope and
+    are None when it could not be decoded.
+    """
+
+    seq: int
+    ts: float
+    subscription: str
+    message_id: str | None
+    subject: str | None
+    sender: str | None
+    reason: str
+    delivered: int
+    data: bytes

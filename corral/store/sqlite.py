@@ -30,7 +30,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -39,7 +39,13 @@ from typing import Any, Final, TypeVar
 import msgspec
 
 from corral.errors import StoreError
-from corral.store.records import PENDING_STATUSES, LogRecord, StoredEvent, TaskRecord
+from corral.store.records import (
+    PENDING_STATUSES,
+    DeadLetterRecord,
+    LogRecord,
+    StoredEvent,
+    TaskRecord,
+)
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "SQLiteStore"]
 
@@ -92,6 +98,21 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX logs_agent_seq ON logs (agent, seq)",
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB)",
     ),
+    (
+        # Messages the bus gave up on (corral/runtime/dlq.py). message_id, subject and sender
+        # are NULL when the message could not be decoded; data is exactly what was delivered.
+        """CREATE TABLE dead_letters (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            ts REAL NOT NULL,
+            subscription TEXT NOT NULL,
+            message_id TEXT,
+            subject TEXT,
+            sender TEXT,
+            reason TEXT NOT NULL,
+            delivered INTEGER NOT NULL,
+            data BLOB NOT NULL)""",
+        "CREATE INDEX dead_letters_subscription_seq ON dead_letters (subscription, seq)",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -112,6 +133,14 @@ _INSERT_LOG: Final = (
     "INSERT INTO logs (ts, agent, instance, level, message) VALUES (?, ?, ?, ?, ?)"
 )
 _PUT_META: Final = "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)"
+_INSERT_DEAD_LETTER: Final = (
+    "INSERT INTO dead_letters (ts, subscription, message_id, subject, sender, reason, delivered,"
+    " data) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_DELETE_DEAD_LETTER: Final = "DELETE FROM dead_letters WHERE seq = ?"
+_DEAD_LETTER_COLUMNS: Final = (
+    "seq, ts, subscription, message_id, subject, sender, reason, delivered, data"
+)
 _PENDING_SQL: Final = ", ".join(f"'{s}'" for s in PENDING_STATUSES)
 _TASK_COLUMNS: Final = (
     "id, agent, handler, payload, priority, kind, sender, status, created, attempts, result,"
@@ -338,6 +367,32 @@ class SQLiteStore:
     def put_meta(self, key: str, value: Any) -> None:
         """Queue setting a runtime-wide metadata value."""
         self._put((_PUT_META, (key, _encode(value, f"meta {key!r}"))))
+
+    def put_dead_letter(self, subscription: str, data: bytes, reason: str, delivered: int, *,
+                        message_id: str | None = None, subject: str | None = None,
+                        sender: str | None = None, ts: float | None = None) -> None:
+        """Queue one dead letter; ``await commit()`` to know it is durable."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise StoreError(f"a dead letter's data must be bytes, got {type(data).__name__}",
+                             hint="pass the message exactly as the backend delivered it")
+        self._put((_INSERT_DEAD_LETTER, (time.time() if ts is None else ts, subscription,
+                                         message_id, subject, sender, reason, int(delivered),
+                                         bytes(data))))
+
+    def delete_dead_letters(self, seqs: Iterable[int]) -> None:
+        """Queue deleting dead letters by ``seq`` (unknown ones are ignored)."""
+        for seq in seqs:
+            self._put((_DELETE_DEAD_LETTER, (int(seq),)))
+
+    async def purge_dead_letters(self, subscription: str | None = None) -> int:
+        """Delete every dead letter (of one subscription); return how many, once committed."""
+        def purge(conn: sqlite3.Connection) -> int:
+            if subscription is None:
+                return conn.execute("DELETE FROM dead_letters").rowcount
+            return conn.execute("DELETE FROM dead_letters WHERE subscription = ?",
+                                (subscription,)).rowcount
+        count: int = await self._run_in_writer(purge)
+        return count
 
     async def commit(self) -> None:
         """Wait until every write queued before this call is committed; raise StoreError if not."""
@@ -643,6 +698,42 @@ class SQLiteStore:
 
         def read(conn: sqlite3.Connection) -> list[LogRecord]:
             return [LogRecord(*row) for row in conn.execute(sql, params)]
+        return await self._read(read)
+
+    async def dead_letters(self, *, subscription: str | None = None, after: int = 0,
+                           limit: int = 100, before: int | None = None
+                           ) -> list[DeadLetterRecord]:
+        """Committed dead letters with ``after < seq`` (``< before``), oldest first, at most ``limit``."""
+        sql = f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters WHERE seq > ?"
+        params: list[Any] = [after]
+        if before is not None:
+            sql += " AND seq < ?"
+            params.append(before)
+        if subscription is not None:
+            sql += " AND subscription = ?"
+            params.append(subscription)
+        sql += " ORDER BY seq LIMIT ?"
+        params.append(limit)
+
+        def read(conn: sqlite3.Connection) -> list[DeadLetterRecord]:
+            return [DeadLetterRecord(*row) for row in conn.execute(sql, params)]
+        return await self._read(read)
+
+    async def dead_letter(self, seq: int) -> DeadLetterRecord | None:
+        """One committed dead letter by ``seq``, or None."""
+        def read(conn: sqlite3.Connection) -> DeadLetterRecord | None:
+            row = conn.execute(f"SELECT {_DEAD_LETTER_COLUMNS} FROM dead_letters WHERE seq = ?",
+                               (seq,)).fetchone()
+            return None if row is None else DeadLetterRecord(*row)
+        return await self._read(read)
+
+    async def last_dead_letter_seq(self) -> int:
+        """The largest ``seq`` any committed dead letter has had so far (0 if none ever)."""
+        def read(conn: sqlite3.Connection) -> int:
+            # AUTOINCREMENT keeps the high-water mark here even after the rows are deleted.
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'dead_letters'"
+                               ).fetchone()
+            return 0 if row is None else int(row[0])
         return await self._read(read)
 
     async def get_meta(self, key: str) -> Any:

@@ -38,6 +38,7 @@ from corral.wire.messages import (
     InitError,
     Log,
     MemorySave,
+    Publish,
     Ready,
     Reply,
     Request,
@@ -119,11 +120,11 @@ TRANSITIONS: Final[dict[Role, dict[ConnState, dict[type[Any], ConnState]]]] = {
         _S.READYING: {Ready: _S.READY, InitError: _S.CLOSED,
                       Heartbeat: _S.READYING, Log: _S.READYING},
         _S.READY: {Result: _S.READY, Send: _S.READY, Request: _S.READY, Heartbeat: _S.READY,
-                   Log: _S.READY, Stats: _S.READY, MemorySave: _S.READY},
-        # In-flight handlers finish within the grace, so they may still Send and Request.
+                   Log: _S.READY, Stats: _S.READY, MemorySave: _S.READY, Publish: _S.READY},
+        # In-flight handlers finish within the grace, so they may still Send, Request and Publish.
         _S.CLOSING: {Result: _S.CLOSING, Send: _S.CLOSING, Request: _S.CLOSING,
                      Heartbeat: _S.CLOSING, Log: _S.CLOSING, Stats: _S.CLOSING,
-                     MemorySave: _S.CLOSING, ConnectionClosed: _S.CLOSED},
+                     MemorySave: _S.CLOSING, Publish: _S.CLOSING, ConnectionClosed: _S.CLOSED},
         # After InitError the agent may still log (or beat) while it exits.
         _S.CLOSED: {Heartbeat: _S.CLOSED, Log: _S.CLOSED, ConnectionClosed: _S.CLOSED},
         _S.ERROR: {},

@@ -16,12 +16,14 @@ __all__ = [
     "Cancel",
     "Deliver",
     "ErrorInfo",
+    "Guarantee",
     "Heartbeat",
     "Hello",
     "Init",
     "InitError",
     "Log",
     "MemorySave",
+    "Publish",
     "Ready",
     "Reply",
     "Request",
@@ -36,6 +38,9 @@ __all__ = [
 
 #: Bumped only by a change that breaks the evolution rules above.
 PROTOCOL_VERSION = 1
+
+#: How hard the runtime tries to deliver a Publish (the bus's Guarantee values).
+Guarantee = Literal["at-most-once", "at-least-once", "effectively-once"]
 
 
 class ErrorInfo(msgspec.Struct, frozen=True):
@@ -132,7 +137,26 @@ class MemorySave(msgspec.Struct, frozen=True, tag="memory"):
     values: dict[str, Any] = {}
 
 
-ToRuntime = Hello | Ready | InitError | Result | Send | Request | Heartbeat | Log | Stats | MemorySave
+class Publish(msgspec.Struct, frozen=True, tag="publish"):
+    """The agent publishes a one-way message on a subject; every matching subscriber gets it.
+
+    No answer comes back: a bad subject or a refused publish becomes a log line of the agent.
+    """
+
+    subject: str
+    payload: Any = None
+    guarantee: Guarantee = "at-most-once"
+    #: Seconds the message stays deliverable; None: no expiry.
+    ttl: float | None = None
+    #: For "effectively-once": publishes with a key seen recently are dropped.
+    idempotency_key: str | None = None
+    headers: dict[str, str] = {}
+
+
+ToRuntime = (
+    Hello | Ready | InitError | Result | Send | Request | Heartbeat | Log | Stats | MemorySave
+    | Publish
+)
 
 
 # ---------------------------------------------------------------- runtime -> agent
@@ -162,8 +186,10 @@ class Deliver(msgspec.Struct, frozen=True, tag="deliver"):
     handler: str
     payload: Any = None
     sender: str = ""
-    kind: Literal["send", "request", "scheduled"] = "request"
+    kind: Literal["send", "request", "scheduled", "publish"] = "request"
     timeout: float | None = None
+    #: The subject it was published on, for kind "publish"; "" otherwise.
+    subject: str = ""
 
 
 class Reply(msgspec.Struct, frozen=True, tag="reply"):

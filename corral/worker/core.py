@@ -18,10 +18,12 @@ from corral.wire.messages import (
     Cancel,
     Deliver,
     ErrorInfo,
+    Guarantee,
     Init,
     InitError,
     Log,
     MemorySave,
+    Publish,
     Reply,
     Request,
     Result,
@@ -119,6 +121,11 @@ class WorkerCore:
             raise TaskTimeout(f"request to {to!r} got no answer within {timeout}s") from None
         finally:
             self._pending.pop(rid, None)
+
+    def publish(self, subject: str, payload: Any, guarantee: Guarantee, ttl: float | None,
+                idempotency_key: str | None, headers: dict[str, str]) -> None:
+        """Outbound: one-way message on a subject."""
+        self._emit(Publish(subject, payload, guarantee, ttl, idempotency_key, headers))
 
     def log(self, level: str, message: str) -> None:
         """Outbound: a log line."""

@@ -106,3 +106,30 @@ class Order:
         await asyncio.sleep(0.3 if msg.content == "first" else 0.01)  # "first" holds the slot
         self.seen.append(msg.content)
         return list(self.seen)
+
+
+@Agent(name="listener")
+class Listener:
+    """Records what its subscriptions deliver; crashes or fails on request."""
+
+    @memory(persistent=True)
+    def got(self) -> dict:
+        return {"items": []}
+
+    @handler
+    async def on_news(self, msg: Message) -> None:
+        if msg.content == "crash" and self.ctx.restarts == 0:
+            os._exit(9)  # dies mid-delivery, before acknowledging
+        if msg.content == "poison":
+            raise ValueError("cannot digest poison")
+        self.got["items"].append({"subject": msg.subject, "sender": msg.sender,
+                                  "content": msg.content, "kind": msg.kind})
+
+    @handler
+    async def items(self, msg: Message) -> list:
+        return list(self.got["items"])
+
+    @handler
+    async def shout(self, msg: Message) -> str:
+        self.ctx.publish("news.shout", msg.content, guarantee="at-least-once")
+        return "published"

@@ -209,3 +209,23 @@ async def test_oversize_rate_limit_and_bad_subject(make) -> None:
     with pytest.raises(BusError, match="subject"):
         await bus.publish("a", "bad..subject", 1)
     assert bus.rejected["too_large"] == 1 and bus.rejected["rate_limited"] == 1
+
+
+async def test_effectively_once_still_retries_a_failed_attempt(make) -> None:
+    bus = Bus(await make(), BusConfig(policy=FAST), dead_letters=Letters())
+    attempts: list[int] = []
+
+    async def handler(env: Envelope) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("transient")
+
+    task = await run_consumer(bus, "w", "pay", handler)
+    await bus.publish("client", "pay", "charge", guarantee="effectively-once",
+                      idempotency_key="order-9")
+    await until(lambda: len(attempts) == 2)
+    await bus.publish("client", "pay", "charge", guarantee="effectively-once",
+                      idempotency_key="order-9")  # a true repeat, after success: dropped
+    await asyncio.sleep(0.5)
+    await stop(task)
+    assert len(attempts) == 2 and bus.delivered["w"] == 1 and bus.rejected["duplicate"] == 1

@@ -230,6 +230,26 @@ def test_second_up_on_the_same_home_is_refused(up: Up, tmp_path: Path) -> None:
     ok(up, "get", "agents")
 
 
+def test_publish_reaches_subscribed_agents(up: Up) -> None:
+    assert corral(up, "apply", "-f", str(ROOT / "examples" / "newsroom")).returncode == 0
+    r = corral(up, "publish", "news.science", '{"id": 1, "headline": "Water found"}',
+               "--guarantee", "at-least-once")
+    assert r.returncode == 0 and len(r.stdout.strip()) == 32, r.stderr
+    deadline = time.monotonic() + 20
+    while True:
+        out = corral(up, "request", "archive", "--handler", "count", "-o", "json")
+        if out.returncode == 0 and json.loads(out.stdout) == 1:
+            break
+        assert time.monotonic() < deadline, out.stdout + out.stderr
+        time.sleep(0.1)
+    bad = corral(up, "publish", "news..bad", "x")
+    assert bad.returncode == 1 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+    bad = corral(up, "publish", "news.x", "x", "--guarantee", "maybe")
+    assert bad.returncode == 1 and "guarantee" in bad.stderr
+    for name in ("reporter", "editor", "archive"):
+        assert corral(up, "delete", name).returncode == 0
+
+
 def test_delete(up: Up) -> None:
     assert "agent/hello deleted" in ok(up, "delete", "hello")
     assert json.loads(ok(up, "get", "agents", "-o", "json")) == []

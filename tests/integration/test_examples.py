@@ -50,3 +50,20 @@ async def test_node_agent(rt: Runtime) -> None:
         pytest.skip("node is not on PATH; install nodejs to run the JavaScript example")
     await rt.apply([EXAMPLES / "node-echo"], wait=True, timeout=30)
     assert await rt.request("node-echo", {"text": "hi"}, handler="upper") == {"text": "HI"}
+
+
+async def test_newsroom_talks_over_topics(rt: Runtime) -> None:
+    await rt.apply([EXAMPLES / "newsroom"], wait=True, timeout=30)
+    for i, desk in enumerate(["science", "science", "sport"]):
+        await rt.request("reporter", {"id": i, "desk": desk, "headline": f"story {i}"},
+                         handler="file")
+    async with asyncio.timeout(20):
+        while (await rt.request("archive", handler="count")) < 3:
+            await asyncio.sleep(0.05)
+        while True:
+            desks = await rt.request("editor", handler="desks_report")
+            if sum(d["stories"] for d in desks.values()) >= 3:
+                break
+            await asyncio.sleep(0.05)
+    assert desks == {"science": {"stories": 2, "latest": "story 1"},
+                     "sport": {"stories": 1, "latest": "story 2"}}

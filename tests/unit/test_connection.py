@@ -30,6 +30,7 @@ from corral.wire import (
     Log,
     MemorySave,
     Message,
+    Publish,
     Ready,
     Reply,
     Request,
@@ -59,9 +60,12 @@ SAMPLES: dict[type[Any], Message] = {
     Log: Log(message="hi", level="warning"),
     Stats: Stats(tasks=2, errors=1),
     MemorySave: MemorySave(values={"k": [1, 2]}),
+    Publish: Publish(subject="orders.eu.created", payload={"n": 1}, guarantee="effectively-once",
+                     ttl=30.0, idempotency_key="order-1", headers={"trace": "t1"}),
     Init: Init(agent="a", instance="a-0", entrypoint="m:A", config={"c": 1}, memory={"m": 2},
                heartbeat_interval=0.5),
-    Deliver: Deliver(id=1, handler="echo", payload={"x": 1}, sender="cli", timeout=300.0),
+    Deliver: Deliver(id=1, handler="echo", payload={"x": 1}, sender="cli", timeout=300.0,
+                     kind="publish", subject="orders.eu.created"),
     Reply: Reply(id=9, ok=False, error=ErrorInfo(type="TaskTimeout", message="late")),
     Cancel: Cancel(id=1),
     Shutdown: Shutdown(grace=1.0),
@@ -78,6 +82,7 @@ SENT_BY: dict[Role, list[type[Any]]] = {
         Log,
         Stats,
         MemorySave,
+        Publish,
     ],
     Role.RUNTIME: [Init, Deliver, Reply, Cancel, Shutdown],
 }
@@ -160,7 +165,7 @@ def test_full_handshake_through_a_wired_pair(codec: Codec) -> None:
     assert transfer(wk, rt, Request(id=1, to="b")) == Request(id=1, to="b")
     assert transfer(rt, wk, Reply(id=1, ok=True, payload=2)) == Reply(id=1, ok=True, payload=2)
     assert transfer(wk, rt, SAMPLES[Result]) == SAMPLES[Result]
-    for t in (Send, Heartbeat, Log, Stats, MemorySave):
+    for t in (Send, Heartbeat, Log, Stats, MemorySave, Publish):
         assert transfer(wk, rt, SAMPLES[t]) == SAMPLES[t]
     assert transfer(rt, wk, Cancel(id=5)) == Cancel(id=5)
     assert_states(rt, wk, ConnState.READY)
@@ -169,6 +174,7 @@ def test_full_handshake_through_a_wired_pair(codec: Codec) -> None:
     assert_states(rt, wk, ConnState.CLOSING)
     assert transfer(wk, rt, Result(id=2, ok=True)) == Result(id=2, ok=True)
     assert transfer(wk, rt, MemorySave(values={"a": 1})) == MemorySave(values={"a": 1})
+    assert transfer(wk, rt, Publish(subject="a.b")) == Publish(subject="a.b")
     rt.receive_data(b"")  # the agent exits
     assert rt.next_message() is NEED_DATA
     assert rt.state is ConnState.CLOSED
@@ -358,6 +364,60 @@ def test_unknown_fields_are_ignored(codec: Codec) -> None:
 
 
 @pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("state", [ConnState.READY, ConnState.CLOSING])
+def test_publish_is_legal_wherever_send_is(codec: Codec, state: ConnState) -> None:
+    for sender in Role:
+        assert (Publish in TRANSITIONS[sender][state]) is (Send in TRANSITIONS[sender][state])
+    rt = drive(Role.RUNTIME, state, codec)
+    wk = drive(Role.WORKER, state, codec)
+    assert transfer(wk, rt, SAMPLES[Publish]) == SAMPLES[Publish]
+    assert_states(rt, wk, state)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+@pytest.mark.parametrize("state", [ConnState.HELLO, ConnState.INIT, ConnState.READYING,
+                                   ConnState.CLOSED])  # fmt: skip
+def test_publish_before_ready_or_after_close_is_illegal(codec: Codec, state: ConnState) -> None:
+    wk = drive(Role.WORKER, state, codec)
+    with pytest.raises(LocalProtocolError, match=f"Publish .*{state.value}"):
+        wk.send(SAMPLES[Publish])
+    assert wk.state is state
+    rt = drive(Role.RUNTIME, state, codec)
+    rt.receive_data(wire(SAMPLES[Publish], codec))
+    with pytest.raises(RemoteProtocolError, match=f"Publish in state {state.value}"):
+        rt.next_message()
+    assert rt.state is ConnState.ERROR
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_publish_defaults_and_wire_form(codec: Codec) -> None:
+    rt = drive(Role.RUNTIME, ConnState.READY, codec)
+    got = receive_all(rt, wire({"type": "publish", "subject": "a.b"}, codec))
+    assert got == [Publish(subject="a.b")]
+    (msg,) = got
+    assert isinstance(msg, Publish)
+    assert (msg.payload, msg.guarantee, msg.ttl, msg.idempotency_key, msg.headers) == (
+        None, "at-most-once", None, None, {})
+    bad = {"type": "publish", "subject": "a.b", "guarantee": "exactly-once"}
+    rt.receive_data(wire(bad, codec))
+    with pytest.raises(RemoteProtocolError, match=r"\$\.guarantee"):
+        rt.next_message()
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_a_deliver_from_an_older_runtime_without_subject_decodes(codec: Codec) -> None:
+    wk = drive(Role.WORKER, ConnState.READY, codec)
+    old = {"type": "deliver", "id": 3, "handler": "h", "payload": 1, "sender": "x",
+           "kind": "send", "timeout": None}  # fmt: skip
+    (got,) = receive_all(wk, wire(old, codec))
+    assert got == Deliver(id=3, handler="h", payload=1, sender="x", kind="send")
+    assert isinstance(got, Deliver) and got.subject == ""
+    new = {"type": "deliver", "id": 4, "handler": "h", "kind": "publish", "subject": "a.b"}
+    assert receive_all(wk, wire(new, codec)) == [
+        Deliver(id=4, handler="h", kind="publish", subject="a.b")]
+
+
+@pytest.mark.parametrize("codec", CODECS)
 @pytest.mark.parametrize(
     ("state", "obj", "path"),
     [
@@ -407,7 +467,7 @@ def test_json_wire_form_matches_the_documented_example() -> None:
     assert line.endswith(b"\n") and line.count(b"\n") == 1
     assert json.loads(line) == {"type": "deliver", "id": 7, "handler": "echo",
                                 "payload": {"text": "hi"}, "sender": "cli", "kind": "request",
-                                "timeout": 300.0}  # fmt: skip
+                                "timeout": 300.0, "subject": ""}  # fmt: skip
 
 
 # ---------------------------------------------------------------- limits

@@ -137,3 +137,10 @@ def test_matches_model(calls: list[tuple[str, float]], window: float, max_keys: 
         if not expected:
             log.append((key, clock))
         assert len(w) <= max_keys
+
+
+def test_contains_records_nothing() -> None:
+    w = DedupWindow(10.0, 10)
+    assert not w.contains("k", 0.0)
+    assert not w.seen("k", 1.0)  # contains() did not record it
+    assert w.contains("k", 2.0) and w.seen("k", 3.0)

@@ -37,6 +37,7 @@ class FakeOutbound:
         self.sent: list[tuple[str, Any, str]] = []
         self.requests: list[tuple[str, Any, str, float | None]] = []
         self.logs: list[tuple[str, str]] = []
+        self.published: list[tuple[str, Any, str, float | None, str | None, dict[str, str]]] = []
 
     def send(self, to: str, payload: Any, handler: str) -> None:
         self.sent.append((to, payload, handler))
@@ -44,6 +45,10 @@ class FakeOutbound:
     async def request(self, to: str, payload: Any, handler: str, timeout: float | None) -> Any:
         self.requests.append((to, payload, handler, timeout))
         return self.answer
+
+    def publish(self, subject: str, payload: Any, guarantee: str, ttl: float | None,
+                idempotency_key: str | None, headers: dict[str, str]) -> None:
+        self.published.append((subject, payload, guarantee, ttl, idempotency_key, headers))
 
     def log(self, level: str, message: str) -> None:
         self.logs.append((level, message))
@@ -331,8 +336,8 @@ def test_memory_is_per_instance_and_assignable() -> None:
 
 def test_message_and_result_shapes() -> None:
     m = Message()
-    assert (m.content, m.sender, m.handler, m.id, m.kind, m.headers) == (None, "", "", 0,
-                                                                          "request", {})
+    assert (m.content, m.sender, m.handler, m.id, m.kind, m.headers, m.subject) == (
+        None, "", "", 0, "request", {}, "")
     assert Result.success(3) == Result(ok=True, data=3)
     assert Result.success() == Result(ok=True, data=None)
     assert Result.failure("no", error_type="E", data=1) == Result(ok=False, data=1, error="no",
@@ -356,6 +361,56 @@ async def test_context_speaks_through_its_outbound() -> None:
     assert out.sent == [("b", {"x": 1}, "h"), ("c", None, "")]
     assert out.requests == [("d", [1], "q", 2.5), ("e", None, "", None)]
     assert out.logs == [("info", "hello"), ("error", "uh oh")]
+
+
+def test_context_publish_passes_every_field_to_its_outbound() -> None:
+    out = FakeOutbound()
+    ctx = Context(agent="a", instance="a-1", config={}, outbound=out)
+    ctx.publish("orders.eu.created")
+    headers = {"trace": "t1"}
+    ctx.publish("orders.eu.paid", {"id": 1}, guarantee="at-least-once", ttl=timedelta(minutes=2),
+                idempotency_key="k", headers=headers)
+    ctx.publish("a-b_c.9", [1], ttl=5)
+    headers["trace"] = "changed"  # the Context copied it
+    assert out.published == [
+        ("orders.eu.created", None, "at-most-once", None, None, {}),
+        ("orders.eu.paid", {"id": 1}, "at-least-once", 120.0, "k", {"trace": "t1"}),
+        ("a-b_c.9", [1], "at-most-once", 5.0, None, {}),
+    ]
+
+
+@pytest.mark.parametrize("subject", ["", "a..b", ".a", "a.", "a.*", "a.>", "a b", "ä", 3])
+def test_context_publish_rejects_an_invalid_subject_at_once(subject: Any) -> None:
+    out = FakeOutbound()
+    ctx = Context(agent="a", instance="a-1", config={}, outbound=out)
+    with pytest.raises(ValueError, match="can't publish on subject"):
+        ctx.publish(subject, {"x": 1})
+    assert out.published == []
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"guarantee": "exactly-once"}, "guarantee 'exactly-once'"),
+    ({"ttl": 0}, "ttl 0"),
+    ({"ttl": timedelta(seconds=-1)}, "ttl"),
+])  # fmt: skip
+def test_context_publish_rejects_bad_options_at_once(kwargs: dict[str, Any], match: str) -> None:
+    out = FakeOutbound()
+    ctx = Context(agent="a", instance="a-1", config={}, outbound=out)
+    with pytest.raises(ValueError, match=match):
+        ctx.publish("a.b", **kwargs)
+    assert out.published == []
+
+
+async def test_the_message_carries_the_publish_subject() -> None:
+    class Listener:
+        @handler
+        async def on_event(self, msg: Message) -> Any:
+            return [msg.kind, msg.subject, msg.content]
+
+    host = await started(Listener)
+    d = Deliver(5, "on_event", {"n": 1}, "billing", "publish", subject="orders.eu.created")
+    assert (await host.invoke(d)).payload == ["publish", "orders.eu.created", {"n": 1}]
+    assert (await host.invoke(deliver("on_event", 2))).payload == ["request", "", 2]
 
 
 async def test_handlers_reach_the_runtime_through_self_ctx() -> None:

@@ -159,7 +159,7 @@ def test_dns_names_rejected(name: str) -> None:
         ({"tools": [{"name": "t", "command": []}]}, ("spec", "tools", 0, "command"),
          "too_short"),
         ({"env": {"PORT": 8080}}, ("spec", "env", "PORT"), "string_type"),
-        ({"subscriptions": [""]}, ("spec", "subscriptions", 0), "string_too_short"),
+        ({"subscriptions": [""]}, ("spec", "subscriptions", 0, "subject"), "value_error"),
     ],
 )
 def test_field_rules(spec: dict[str, Any], loc: tuple[Any, ...], kind: str) -> None:

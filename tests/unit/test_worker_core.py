@@ -6,6 +6,7 @@ import asyncio
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from corral.wire.messages import (
     InitError,
     Log,
     MemorySave,
+    Publish,
     Ready,
     Reply,
     Request,
@@ -352,6 +354,41 @@ async def test_send_and_log_from_a_handler_are_emitted() -> None:
         await w.result(1)
         assert w.of(Send) == [Send("audit", {"n": 1}, "record")]
         assert w.of(Log) == [Log("hello", "warning")]
+
+
+class Publisher(Worker):
+    @handler
+    async def announce(self, msg: Message) -> None:
+        self.ctx.publish("orders.eu.created", msg.content)
+        self.ctx.publish("orders.eu.paid", {"id": 1}, guarantee="effectively-once",
+                         ttl=timedelta(seconds=90), idempotency_key="order-1",
+                         headers={"trace": "t1"})
+
+    @handler
+    async def where(self, msg: Message) -> dict[str, Any]:
+        return {"subject": msg.subject, "kind": msg.kind, "content": msg.content}
+
+
+async def test_publish_from_a_handler_is_emitted_with_its_fields() -> None:
+    async with worker(Publisher) as w:
+        await w.ready()
+        w.core.handle(Deliver(1, "announce", {"n": 1}))
+        assert (await w.result(1)).ok
+        assert w.of(Publish) == [
+            Publish("orders.eu.created", {"n": 1}),
+            Publish("orders.eu.paid", {"id": 1}, "effectively-once", 90.0, "order-1",
+                    {"trace": "t1"}),
+        ]
+
+
+async def test_the_message_subject_comes_from_the_deliver() -> None:
+    async with worker(Publisher) as w:
+        await w.ready()
+        w.core.handle(Deliver(1, "where", "hi", kind="publish", subject="orders.eu.created"))
+        w.core.handle(Deliver(2, "where", "yo", kind="send"))
+        assert (await w.result(1)).payload == {"subject": "orders.eu.created", "kind": "publish",
+                                               "content": "hi"}
+        assert (await w.result(2)).payload == {"subject": "", "kind": "send", "content": "yo"}
 
 
 # ---------------------------------------------------------------------------- cancel

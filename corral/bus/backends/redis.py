@@ -4,7 +4,8 @@ Redis Streams have no subject wildcards, so subjects are routed by Corral, not b
 
 - **Registry.** The hash ``{prefix}:subs`` maps each subscription name to its filter and
   ``ack_wait``. Every change to it also sets ``{prefix}:subs:version`` to a fresh random token, in the
-  same Lua script, so the registry and its version never disagree.
+  same Lua script, so the registry and its version never disagree. Subscribing to an existing
+  name resumes it; a different filter or ``ack_wait`` replaces the stored one.
 - **Publish.** Each backend caches the registry with the version it read. A publish matches the
   subject against the cache (NATS rules: ``*`` one token, ``>`` one or more trailing tokens) and runs
   ONE Lua script that first checks the version and then XADDs one entry to each matching
@@ -13,14 +14,18 @@ Redis Streams have no subject wildcards, so subjects are routed by Corral, not b
   backend reloads the registry and sends again. So a subscription receives exactly the messages whose
   publish ran after its registration, whichever instance published them, and a publish never
   re-creates the stream of a deleted subscription.
-- **Group commit.** Publishes (and acks/nacks/terms) that are issued while one is in flight are queued
-  and sent together, in order, as one script call. There is one batch in flight per backend, led by
-  a caller's own task (no background task). A caller that publishes one message at a time pays one
-  round trip; concurrent callers share them.
+- **Group commit.** Publishes issued while one is in flight are queued and sent together, in order,
+  as one script call; acks, nacks and terms likewise (one script call per subscription, pipelined).
+  There is one batch in flight per kind, led by a caller's own task (no background task). A caller
+  that publishes one message at a time pays one round trip; concurrent callers share them. Settles
+  wait one loop turn before sending, so ``gather(*(m.ack() for m in batch))`` is one round trip; a
+  loop of ``await m.ack()`` is one round trip per message (each ack is confirmed by Redis).
 - **Consuming.** Each subscription stream has one consumer group; every ``Subscription`` object is
-  its own consumer, so fetchers on one name compete. ``fetch`` runs one Lua script that hands out, in
+  its own consumer (a random name; ``close()`` removes it when it holds nothing pending), so
+  fetchers on one name compete. ``fetch`` runs one Lua script that hands out, in
   this order: nacked entries whose delay is over, entries left pending longer than ``ack_wait``
-  (XPENDING IDLE + XCLAIM, which counts the delivery), and new entries (XREADGROUP ``>``). If that
+  (XPENDING IDLE + XCLAIM, which counts the delivery; XPENDING IDLE walks the pending list, so
+  this costs O(messages in flight) inside Redis), and new entries (XREADGROUP ``>``). If that
   finds nothing it blocks in XREADGROUP for at most the time left, the time until the next delayed
   entry is due, and one second (so expired ``ack_wait`` entries are seen within about a second).
   ``delivered`` is Redis's own delivery counter for the entry (XPENDING ``times_delivered``).
@@ -28,8 +33,9 @@ Redis Streams have no subject wildcards, so subjects are routed by Corral, not b
   leaves the entry pending and adds its id to the sorted set ``{prefix}:delayed:{name}`` scored with
   its due time (Redis server clock); fetchers hand it out again once due, via XCLAIM. Until then a
   fetcher that sees it idle past ``ack_wait`` only resets its idle time (XCLAIM JUSTID, which does not
-  count a delivery), so it is never delivered before its delay. A nack from a consumer that no longer
-  owns the entry (it was reclaimed after ``ack_wait``) does nothing.
+  count a delivery), so it is never delivered before its delay; XAUTOCLAIM cannot skip such entries
+  without counting them, which is why it is not used. A nack from a consumer that no longer owns
+  the entry (it was reclaimed after ``ack_wait``) does nothing.
 - **Unsubscribe** deletes the registry entry, the stream (with its group and pending entries) and
   the delayed set, in one script.
 
@@ -319,6 +325,10 @@ class _GroupCommit(Generic[T]):
                 await asyncio.sleep(0)
             while not mine.done():
                 batch = self._take()
+                if not batch:  # fail_pending() took our item while leadership came to us
+                    mine.set_exception(BusError("the backend was closed before this was sent",
+                                                hint="start() it again"))
+                    break
                 try:
                     await self._flush([e.item for e in batch])
                 except Exception as exc:
@@ -424,6 +434,7 @@ class RedisSubscription:
         b = self._backend
         with b._errors(f"fetching from subscription {self.name!r}"):
             while True:
+                b._require()
                 reply = await b._eval("fetch", [self._stream, self._delayed],
                                       [_GROUP, self._consumer, max_messages,
                                        max(1, round(self.ack_wait * 1000))])

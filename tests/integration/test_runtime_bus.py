@@ -1,0 +1,96 @@
+"""Agents on the bus: subscriptions from manifests, ctx.publish, guarantees, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from corral.errors import AgentUnavailable
+from corral.runtime.runtime import Runtime
+from tests.conftest import manifest
+
+SUBS = [{"subject": "news.*", "handler": "on_news", "ackWait": "2s"}]
+FAST = {"maxRestarts": 5, "window": "30s", "backoff": {"initial": "20ms", "max": "100ms"}}
+
+
+async def items(rt: Runtime, name: str = "listener") -> list[dict]:
+    return await rt.request(name, handler="items")
+
+
+async def wait_items(rt: Runtime, n: int, timeout: float = 20.0) -> list[dict]:
+    got: list[dict] = []
+    async with asyncio.timeout(timeout):
+        while len(got) < n:
+            try:
+                got = await items(rt)
+            except AgentUnavailable:
+                pass  # the instance we asked died mid-request (on purpose); ask again
+            await asyncio.sleep(0.05)
+    return got
+
+
+async def test_subscription_delivers_with_subject_and_stamped_sender(rt: Runtime) -> None:
+    await rt.apply([manifest("listener", "Listener", subscriptions=SUBS),
+                    manifest("caller", "Listener")], wait=True, timeout=20)
+    await rt.publish("news.eu", "hello", guarantee="at-least-once")
+    await rt.publish("sports.eu", "ignored", guarantee="at-least-once")
+    got = await wait_items(rt, 1)
+    assert got == [{"subject": "news.eu", "sender": "client", "content": "hello",
+                    "kind": "publish"}]
+    # An agent publishes: the sender is the agent the channel belongs to, whatever it claims.
+    assert await rt.request("caller", {"sender": "root"}, handler="shout") == "published"
+    got = await wait_items(rt, 2)
+    assert got[1]["sender"] == "caller" and got[1]["content"] == {"sender": "root"}
+
+
+async def test_subscriber_killed_mid_stream_loses_nothing(rt: Runtime) -> None:
+    await rt.apply([manifest("listener", "Listener", subscriptions=SUBS, restart=FAST)],
+                   wait=True, timeout=20)
+    for i in range(10):
+        await rt.publish("news.eu", "crash" if i == 4 else i, guarantee="at-least-once")
+    got = await wait_items(rt, 10, timeout=30)
+    contents = [g["content"] for g in got]
+    # Every message arrived, the one that killed its first consumer included (redelivered).
+    assert sorted(c for c in contents if c != "crash") == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    assert "crash" in contents
+    assert rt.agents["listener"].restarts == 1
+
+
+async def test_poison_goes_to_the_dead_letter_queue(rt: Runtime) -> None:
+    await rt.apply([manifest("listener", "Listener", subscriptions=SUBS)], wait=True, timeout=20)
+    await rt.publish("news.eu", "poison", guarantee="at-least-once")
+    await rt.publish("news.eu", "fine", guarantee="at-least-once")
+    await wait_items(rt, 1)
+    assert rt.dlq is not None
+    async with asyncio.timeout(30):
+        while not (letters := await rt.dlq.ls()):
+            await asyncio.sleep(0.1)
+    assert "cannot digest poison" in letters[0]["reason"] and letters[0]["subject"] == "news.eu"
+
+
+async def test_queued_messages_survive_a_runtime_restart(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    async with Runtime(home=home, shutdown_grace=2.0) as rt:
+        await rt.apply([manifest("listener", "Listener", subscriptions=SUBS)], wait=True,
+                       timeout=20)
+        await rt.stop("listener")  # not consuming now: messages wait in the durable outbox
+        for i in range(3):
+            await rt.publish("news.eu", i, guarantee="at-least-once")
+    async with Runtime(home=home, shutdown_grace=2.0) as rt:
+        await rt.scale("listener", 1)
+        await rt.wait_ready(["listener"], timeout=20)
+        got = await wait_items(rt, 3)
+        assert [g["content"] for g in got] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("guarantee", ["at-most-once", "effectively-once"])
+async def test_other_guarantees_reach_the_agent(rt: Runtime, guarantee: str) -> None:
+    await rt.apply([manifest("listener", "Listener", subscriptions=SUBS)], wait=True, timeout=20)
+    await rt.publish("news.eu", "x", guarantee=guarantee, idempotency_key="k1")  # type: ignore[arg-type]
+    await rt.publish("news.eu", "x", guarantee=guarantee, idempotency_key="k1")  # type: ignore[arg-type]
+    got = await wait_items(rt, 1)
+    await asyncio.sleep(0.5)
+    got = await items(rt)
+    assert len(got) == (1 if guarantee == "effectively-once" else 2)
