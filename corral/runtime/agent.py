@@ -22,7 +22,10 @@ if TYPE_CHECKING:
     from corral.runtime.supervision import SupervisionGroup
     from corral.runtime.work import Work
 
-__all__ = ["AgentController"]
+__all__ = ["DEFAULT_IDLE_TIMEOUT", "AgentController"]
+
+#: How long an event-driven agent stays active without work when resources.idleTimeout is unset.
+DEFAULT_IDLE_TIMEOUT = 300.0
 
 
 def limits_of(manifest: AgentManifest) -> Limits:
@@ -46,6 +49,9 @@ class AgentController:
         self.instances: dict[str, Instance] = {}
         self.replicas = self.spec.replicas
         self.one_shot = self.spec.mode in ("ephemeral", "scheduled")
+        #: Virtual actor: no instance until a message arrives; deactivated after idleTimeout.
+        self.event_driven = self.spec.mode == "event-driven"
+        self.idle_timeout = self.spec.resources.idle_timeout or DEFAULT_IDLE_TIMEOUT
         self.stopped = False
         self.gave_up: str | None = None
         self.group: SupervisionGroup | None = None
@@ -70,6 +76,13 @@ class AgentController:
     def reconcile(self) -> None:
         """Start missing persistent replicas and stop surplus ones."""
         if self.one_shot:
+            return
+        if self.event_driven:
+            # Instances come with messages (see pump); only surplus ones are stopped here.
+            want = 0 if self.stopped or self.gave_up else self.replicas
+            for name, inst in list(self.instances.items()):
+                if int(name.rsplit("-", 1)[1]) >= want and not inst.removed:
+                    self.rt.spawn(self._retire(inst, "scaled down"))
             return
         want = 0 if self.stopped or self.gave_up else self.replicas
         for i in range(want):
@@ -130,10 +143,29 @@ class AgentController:
             if not avail:
                 if self.one_shot:
                     self._spawn_one_shot()
+                elif self.event_driven:
+                    self._activate()
                 return
             inst = next(iter(avail))
             inst.dispatch(mailbox.pop())
             self._refresh(inst)
+
+    def _activate(self) -> None:
+        # One more instance when work waits and none is starting, up to `replicas`.
+        live = [i for i in self.instances.values() if not i.removed]
+        if any(i.state is State.INITIALIZING for i in live) or len(live) >= max(1, self.replicas):
+            return
+        used = {int(i.name.rsplit("-", 1)[1]) for i in live}
+        ordinal = next(n for n in itertools.count() if n not in used)
+        self.rt.log(self.name, "", "info", f"activating {self.name}-{ordinal} for queued work")
+        self._add_instance(f"{self.name}-{ordinal}")
+
+    def deactivate_idle(self, now: float) -> None:
+        """Event-driven: stop instances idle for idleTimeout (memory is saved on the way out)."""
+        for inst in list(self.instances.values()):
+            if not inst.removed and inst.accepting and not inst.inflight and \
+                    now - inst.last_active >= self.idle_timeout:
+                self.rt.spawn(self._retire(inst, f"idle for {self.idle_timeout:g}s (event-driven)"))
 
     def _spawn_one_shot(self) -> None:
         starting = sum(1 for i in self.instances.values()
@@ -245,7 +277,8 @@ class AgentController:
     def on_instance_gone(self, inst: Instance) -> None:
         """An incarnation closed; drop retired one-shot instances."""
         self._refresh(inst)
-        if inst.removed and inst.state is State.TERMINATED and self.one_shot:
+        if inst.removed and inst.state is State.TERMINATED and (self.one_shot or
+                                                                  self.event_driven):
             self.instances.pop(inst.name, None)
             self._available.pop(inst, None)
         if self.mailbox:
@@ -270,7 +303,7 @@ class AgentController:
             return "GaveUp"
         if self.stopped or (self.replicas == 0 and not self.one_shot):
             return "Stopped"
-        if self.one_shot:
+        if self.one_shot or (self.event_driven and not self.instances):
             return "Active" if self.instances else ("Scheduled" if self.spec.mode == "scheduled"
                                                     else "Idle")
         ready = self.ready_count()

@@ -95,6 +95,8 @@ class Instance:
         self._timer: asyncio.TimerHandle | None = None
         #: Loop time the last task finished with nothing left in flight (None while busy).
         self.idle_since: float | None = None
+        #: Loop time of the last sign of work (Ready, or a task finishing): for idleTimeout.
+        self.last_active = 0.0
         self._shutdown_sent = False
 
     # ---------------------------------------------------------------- lifecycle
@@ -259,6 +261,7 @@ class Instance:
                 self.complete()
             else:
                 self.idle_since = asyncio.get_running_loop().time()
+        self.last_active = asyncio.get_running_loop().time()
         self.agent.on_task_done(self)
 
     def complete(self) -> None:
@@ -392,7 +395,7 @@ class Instance:
         self.schedules = list(msg.schedules)
         loop = asyncio.get_running_loop()
         self.ready_at = loop.time()
-        self.last_heartbeat = self.ready_at
+        self.last_heartbeat = self.last_active = self.ready_at
         self.transition(Initialized())
         if not self.ready.done():
             self.ready.set_result(None)

@@ -213,7 +213,7 @@ class Runtime:
             ctl.replicas, ctl.stopped, ctl.gave_up = rec.replicas, rec.stopped, rec.gave_up
             ctl.restarts = rec.restarts
             await self._load_memory(ctl)
-            self._start_controller(ctl)
+            await self._start_controller(ctl)
         pending = await self.store.pending_tasks()
         for t in pending:
             ctl = self.agents.get(t.agent)
@@ -279,7 +279,7 @@ class Runtime:
                 ctl.memory, ctl.restarts = old.memory, old.restarts
             else:
                 await self._load_memory(ctl)
-            self._start_controller(ctl)
+            await self._start_controller(ctl)
             for work in carried:
                 ctl.submit(work)
         if wait:
@@ -290,10 +290,6 @@ class Runtime:
         """Runtime-level checks: can this machine run the manifest as written?"""
         spec, src = m.spec, m.source or m.name
         out: list[SpecError] = []
-        if spec.mode == "event-driven":
-            out.append(SpecError("mode 'event-driven' arrives with the message bus and is not "
-                                 "available yet", file=src, path="spec.mode", got=spec.mode,
-                                 expected="persistent, ephemeral or scheduled"))
         if spec.isolation in _TIERS_LATER:
             out.append(SpecError(_TIERS_LATER[spec.isolation], file=src, path="spec.isolation",
                                  got=spec.isolation, expected="inproc or process"))
@@ -348,8 +344,9 @@ class Runtime:
         self.agents[m.name] = ctl
         return ctl
 
-    def _start_controller(self, ctl: AgentController) -> None:
+    async def _start_controller(self, ctl: AgentController) -> None:
         ctl.reconcile()
+        await self._open_subscriptions(ctl)
         self._subscribe(ctl)
         sched = ctl.spec.schedule
         if ctl.spec.mode == "scheduled" and sched is not None and not ctl.stopped:
@@ -369,8 +366,8 @@ class Runtime:
         """Wait until each named persistent agent has all replicas Ready; raise the first failure."""
         async def one(name: str) -> None:
             ctl = self._agent(name)
-            if ctl.one_shot:
-                return
+            if ctl.one_shot or ctl.event_driven:
+                return  # their instances come with work
             for inst in [i for i in ctl.instances.values() if not i.removed]:
                 while True:
                     try:
@@ -463,6 +460,16 @@ class Runtime:
         """Stop fetching for an agent that cannot take work; messages wait, durably."""
         for task in self._consumers.pop(name, []):
             task.cancel()
+
+    async def _open_subscriptions(self, ctl: AgentController) -> None:
+        # Create the durable subscriptions now, before apply returns: a message published
+        # right after must reach the agent even if no fetcher runs yet.
+        if self.bus is None:
+            return
+        for s in ctl.spec.subscriptions:
+            sub = await self.bus.backend.subscribe(_subscription_name(ctl.name, s.subject),
+                                                   s.subject, ack_wait=s.ack_wait)
+            await sub.close()
 
     def _subscribe(self, ctl: AgentController) -> None:
         if self.bus is None or not ctl.spec.subscriptions or ctl.stopped or ctl.gave_up \
@@ -726,6 +733,8 @@ class Runtime:
             await asyncio.sleep(0.1)
             now = loop.time()
             for a in list(self.agents.values()):
+                if a.event_driven:
+                    a.deactivate_idle(now)
                 timeout = a.spec.health.heartbeat_timeout
                 for i in list(a.instances.values()):
                     if i.idle_since is not None and now - i.idle_since >= IDLE_LINGER:

@@ -292,3 +292,28 @@ async def test_agent_names_are_unique_across_namespaces(rt: Runtime) -> None:
     await rt.apply([a], wait=True, timeout=20)
     with pytest.raises(SpecError, match="already runs in namespace 'default'"):
         await rt.apply([b])
+
+
+async def test_event_driven_agent_is_a_virtual_actor(rt: Runtime) -> None:
+    await rt.apply([manifest("listener", "Listener", mode="event-driven",
+                             resources={"idleTimeout": "500ms"})])
+    assert rt.get("listener")["status"] == "Idle" and not rt.agents["listener"].instances
+    await rt.request("listener", "first", handler="on_news")  # the message activates it
+    assert rt.get("listener")["status"] == "Running"
+    await until(lambda: not rt.agents["listener"].instances)  # idle 500ms: deactivated
+    assert rt.get("listener")["status"] == "Idle"
+    got = await rt.request("listener", handler="items")  # activated again, memory kept
+    assert [g["content"] for g in got] == ["first"]
+    reasons = [e.data.get("reason", "") for e in await rt.store.events(agent="listener")
+               if e.kind == "instance.transition" and e.data["event"] == "Stop"]
+    assert any("idle for 0.5s (event-driven)" in r for r in reasons)
+
+
+async def test_event_driven_agent_is_activated_by_a_topic(rt: Runtime) -> None:
+    subs = [{"subject": "news.*", "handler": "on_news"}]
+    await rt.apply([manifest("listener", "Listener", mode="event-driven", subscriptions=subs,
+                             resources={"idleTimeout": "10s"})])
+    assert not rt.agents["listener"].instances
+    await rt.publish("news.eu", "wake up", guarantee="at-least-once")
+    await until(lambda: rt.agents["listener"].tasks_ok >= 1)
+    assert [g["content"] for g in await rt.request("listener", handler="items")] == ["wake up"]
