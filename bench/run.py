@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.run            # full run (a few minutes on 2 cores)
     .venv/bin/python -m bench.run --quick    # small counts: a CI smoke run
     .venv/bin/python -m bench.run --only xproc --only ray
+    .venv/bin/python -m bench.run --only bus           # the message-bus benchmarks only
 
 Each (system, benchmark) runs in its own subprocess with a time limit, so one system's
 leftovers (Ray's daemons, 10k agents' memory) never weigh on another's figures and a hang
@@ -31,10 +32,13 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python bench/run.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.bus_bench import BUS_BENCHES  # the message-bus benchmarks; `--only bus` = all
 from bench.common import ROOT, Counts, fmt, print_table
 
-BENCHES = ("start", "xproc", "inproc", "many-inproc", "many-process")
+BENCHES = ("start", "xproc", "inproc", "many-inproc", "many-process", *BUS_BENCHES)
 SYSTEMS = ("corral", "autogen", "ray")
+#: Names of several benchmarks at once.
+GROUPS = {"bus": BUS_BENCHES}
 
 #: (system, benchmarks it runs in one subprocess, time limit full / quick, in seconds)
 UNITS: list[tuple[str, tuple[str, ...], int, int]] = [
@@ -45,6 +49,14 @@ UNITS: list[tuple[str, tuple[str, ...], int, int]] = [
     ("corral", ("many-process",), 180, 60),
     ("autogen", ("inproc", "many-inproc"), 150, 45),
     ("ray", ("start", "xproc"), 240, 120),
+    # The bus: Corral's figures, and for NATS/Redis the raw client in the same process
+    # (interleaved, so both see the same load); AutoGen's peer figures in their own process.
+    ("corral", ("bus-fanout",), 120, 30),
+    ("corral", ("bus-latency",), 120, 30),
+    ("corral", ("bus-durable",), 120, 30),
+    ("corral", ("bus-nats",), 150, 30),
+    ("corral", ("bus-redis",), 150, 30),
+    ("autogen", ("bus-fanout", "bus-latency"), 150, 40),
 ]
 
 RESULTS = ROOT / "bench" / "results" / "latest.json"
@@ -57,12 +69,20 @@ def _worker(unit: str, quick: bool, out: Path) -> int:
     system, _, names = unit.partition(":")
     benches = names.split(",")
     c = Counts.make(quick)
+    bus = [n for n in benches if n in BUS_BENCHES]
+    rest = [n for n in benches if n not in BUS_BENCHES]
     payload: dict[str, Any]
     try:
         if system == "corral":
-            from bench import corral_bench
+            from bench import bus_bench, corral_bench
 
-            payload = {"ok": True, "result": {n: corral_bench.run(n, c) for n in benches}}
+            why = next(filter(None, map(bus_bench.available, bus)), None)
+            if why is not None:
+                payload = {"ok": False, "skipped": why}
+            else:
+                result = {n: corral_bench.run(n, c) for n in rest}
+                result.update({n: bus_bench.run_corral(n, quick) for n in bus})
+                payload = {"ok": True, "result": result}
         elif system in ("ray", "autogen"):
             if system == "ray":
                 from bench import ray_bench as mod
@@ -72,7 +92,12 @@ def _worker(unit: str, quick: bool, out: Path) -> int:
             if why is not None:
                 payload = {"ok": False, "skipped": why}
             else:
-                payload = {"ok": True, "result": mod.run(benches, c)}
+                result = mod.run(rest, c)
+                if bus:
+                    from bench import bus_bench
+
+                    result.update({n: bus_bench.run_autogen(n, quick) for n in bus})
+                payload = {"ok": True, "result": result}
         else:
             raise ValueError(f"unknown system {system!r}")
     except BaseException as exc:  # report, don't hide: the parent prints it
@@ -87,10 +112,12 @@ def _worker(unit: str, quick: bool, out: Path) -> int:
 
 def _selected(only: list[str]) -> list[tuple[str, tuple[str, ...], int, int]]:
     picks = {p.strip() for o in only for p in o.split(",") if p.strip()}
-    unknown = picks - set(BENCHES) - set(SYSTEMS)
+    unknown = picks - set(BENCHES) - set(SYSTEMS) - set(GROUPS)
     if unknown:
-        raise SystemExit(f"--only: unknown name(s) {sorted(unknown)}; "
-                         f"use benchmarks {list(BENCHES)} or systems {list(SYSTEMS)}")
+        raise SystemExit(f"--only: unknown name(s) {sorted(unknown)}; use benchmarks "
+                         f"{list(BENCHES)}, groups {list(GROUPS)} or systems {list(SYSTEMS)}")
+    for group in picks & set(GROUPS):
+        picks |= set(GROUPS[group])
     systems = picks & set(SYSTEMS) or set(SYSTEMS)
     benches = picks & set(BENCHES) or set(BENCHES)
     out = []
@@ -132,7 +159,7 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for dist in ("corral", "ray", "autogen-core", "msgspec", "psutil"):
+    for dist in ("corral", "ray", "autogen-core", "msgspec", "psutil", "nats-py", "redis"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
@@ -179,6 +206,7 @@ class Row:
     lower_is_better: bool = True
     target: float | None = None
     full_only: bool = False  # the target is stated for the full count only
+    ratio_target: float | None = None  # the target is Corral / peer >= this (throughputs)
 
 
 def _rows(c: Counts) -> list[Row]:
@@ -235,7 +263,46 @@ def _rows(c: Counts) -> list[Row]:
             lambda r: _get(r, C, "many-process", "uss_median_mb"), target=10),
         Row("many-process", f"runtime RSS with {n1k:,} process agents", "MiB",
             lambda r: _get(r, C, "many-process", "runtime_rss_mb")),
+        *_bus_rows(),
     ]
+
+
+def _bus_rows() -> list[Row]:
+    C, A = "corral", "autogen"
+    rows = [
+        Row("bus-fanout", "bus fan-out 1->100, at-most-once, via Bus.consume", "/s",
+            lambda r: _get(r, C, "bus-fanout", "bus", "per_s"), "AutoGen publish_message",
+            lambda r: _get(r, A, "bus-fanout", "per_s"), lower_is_better=False, target=500_000),
+        Row("bus-fanout", "bus fan-out 1->100, backend only (publish+fetch+ack)", "/s",
+            lambda r: _get(r, C, "bus-fanout", "backend", "per_s"), lower_is_better=False),
+        Row("bus-latency", "bus publish->handler p50, 100 subscribers", "us",
+            lambda r: _get(r, C, "bus-latency", "subs100", "p50_us"), "AutoGen publish_message",
+            lambda r: _get(r, A, "bus-latency", "subs100", "p50_us")),
+        Row("bus-latency", "bus publish->handler p99, 100 subscribers", "us",
+            lambda r: _get(r, C, "bus-latency", "subs100", "p99_us"), "AutoGen publish_message",
+            lambda r: _get(r, A, "bus-latency", "subs100", "p99_us"), target=200),
+        Row("bus-latency", "bus publish->handler p99, 1 subscriber", "us",
+            lambda r: _get(r, C, "bus-latency", "subs1", "p99_us"), "AutoGen publish_message",
+            lambda r: _get(r, A, "bus-latency", "subs1", "p99_us")),
+    ]
+    for n in (1, 10, 100):
+        rows += [
+            Row("bus-durable", f"bus at-least-once local, {n} publisher(s)", "/s",
+                lambda r, n=n: _get(r, C, "bus-durable", f"pub{n}", "per_s"),
+                lower_is_better=False, target=20_000 if n == 100 else None),
+            Row("bus-durable", f"bus at-least-once local, {n} publisher(s): publish p99", "ms",
+                lambda r, n=n: _get(r, C, "bus-durable", f"pub{n}", "p99_ms"), target=5),
+        ]
+    for kind, raw in (("nats", "raw nats-py"), ("redis", "raw redis-py")):
+        for key, what in (("seq_per_s", "(a) publish one at a time"),
+                          ("pipe_per_s", "(b) publish, 256 in flight"),
+                          ("consume_per_s", "(c) consume + ack in batches")):
+            rows.append(Row(
+                f"bus-{kind}", f"bus {kind.upper()} {what}", "/s",
+                lambda r, k=kind, key=key: _get(r, C, f"bus-{k}", "corral", key), raw,
+                lambda r, k=kind, key=key: _get(r, C, f"bus-{k}", "raw", key),
+                lower_is_better=False, ratio_target=0.7))
+    return rows
 
 
 def _ratio(row: Row, mine: Any, theirs: Any) -> str:
@@ -246,7 +313,11 @@ def _ratio(row: Row, mine: Any, theirs: Any) -> str:
     return f"{x:.1f}x faster" if x >= 1 else f"{1 / x:.1f}x slower"
 
 
-def _status(row: Row, mine: Any, quick: bool) -> str:
+def _status(row: Row, mine: Any, quick: bool, theirs: Any = None) -> str:
+    if row.ratio_target is not None:
+        if not isinstance(mine, int | float) or not isinstance(theirs, int | float) or theirs <= 0:
+            return "no data"
+        return "met" if mine / theirs >= row.ratio_target else "MISSED"
     if row.target is None:
         return ""
     if not isinstance(mine, int | float):
@@ -257,6 +328,14 @@ def _status(row: Row, mine: Any, quick: bool) -> str:
     return "met" if ok else "MISSED"
 
 
+def _target(row: Row) -> str | None:
+    if row.ratio_target is not None:
+        return f">= {row.ratio_target:.2f}x peer"
+    if row.target is None:
+        return None
+    return f"{'<=' if row.lower_is_better else '>='} {fmt(row.target, row.unit)}"
+
+
 def summarize(results: dict[str, Any], c: Counts) -> list[dict[str, Any]]:
     """The comparison rows (also printed as a table)."""
     out, printed = [], []
@@ -264,9 +343,8 @@ def summarize(results: dict[str, Any], c: Counts) -> list[dict[str, Any]]:
         mine, theirs = row.corral(results), row.peer(results)
         if mine is None and theirs is None:
             continue
-        ratio, status = _ratio(row, mine, theirs), _status(row, mine, c.quick)
-        target = None if row.target is None else \
-            f"{'<=' if row.lower_is_better else '>='} {fmt(row.target, row.unit)}"
+        ratio, status = _ratio(row, mine, theirs), _status(row, mine, c.quick, theirs)
+        target = _target(row)
         out.append({"bench": row.bench, "what": row.what, "unit": row.unit, "corral": mine,
                     "peer": row.peer_name or None, "peer_value": theirs,
                     "corral_vs_peer": ratio or None, "target": target, "status": status or None})
@@ -283,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small counts (CI smoke run)")
     ap.add_argument("--only", action="append", default=[], metavar="NAME",
-                    help=f"run only these benchmarks {list(BENCHES)} and/or systems "
-                         f"{list(SYSTEMS)}; repeat or comma-separate")
+                    help=f"run only these benchmarks {list(BENCHES)} (`bus` = every bus-*) "
+                         f"and/or systems {list(SYSTEMS)}; repeat or comma-separate")
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"results file (default {RESULTS})")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)

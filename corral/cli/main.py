@@ -360,6 +360,31 @@ def publish(
 
 @app.command()
 @_command
+def broadcast(
+    payload: Annotated[str | None, typer.Argument(help="JSON (else sent as a string).")] = None,
+    handler: Annotated[str, typer.Option(help="Handler (default: each agent's default).")] = "",
+    namespace: Annotated[str | None, typer.Option("-n", "--namespace",
+                                                  help="Only this namespace.")] = None,
+    selector: Annotated[str, typer.Option("-l", "--selector",
+                                          help="Labels, like team=nlp,tier!=gpu.")] = "",
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Send one message durably to every agent, a namespace, or those matching a selector."""
+    sent = _client(home).call("broadcast", payload=_payload(payload), handler=handler,
+                              namespace=namespace, selector=selector)
+
+    def show() -> None:
+        for name, task_id in sorted(sent.items()):
+            out.print(f"agent/{name} {task_id}", markup=False, highlight=False)
+        if not sent:
+            out.print("no agent matched", markup=False, highlight=False)
+
+    _show(output, sent, show)
+
+
+@app.command()
+@_command
 def task(
     task_id: Annotated[str, typer.Argument(metavar="ID", help="From `corral send`.")],
     home: HomeOpt = None,

@@ -101,6 +101,13 @@ class _Publish(msgspec.Struct):
     idempotency_key: str | None = None
 
 
+class _Broadcast(msgspec.Struct):
+    payload: Any = None
+    handler: str = ""
+    namespace: str | None = None
+    selector: str = ""
+
+
 class _Task(msgspec.Struct):
     id: str
 
@@ -415,6 +422,10 @@ class ControlServer:
                                     ttl=a.ttl, idempotency_key=a.idempotency_key)
         return {"id": mid}
 
+    async def _broadcast(self, a: _Broadcast, conn: _Conn, rid: Any) -> Any:
+        return await self.rt.broadcast(a.payload, handler=a.handler, namespace=a.namespace,
+                                       selector=a.selector, sender="client")
+
     async def _task(self, a: _Task, conn: _Conn, rid: Any) -> Any:
         rec = await self.rt.task(a.id)
         if rec is None:
@@ -514,6 +525,7 @@ _OPS: dict[str, tuple[type[msgspec.Struct], Handler]] = {
     "request": (_RequestArgs, ControlServer._request),
     "send": (_Send, ControlServer._send),
     "publish": (_Publish, ControlServer._publish),
+    "broadcast": (_Broadcast, ControlServer._broadcast),
     "task": (_Task, ControlServer._task),
     "scale": (_Scale, ControlServer._scale),
     "stop": (_Name, ControlServer._stop),

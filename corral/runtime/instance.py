@@ -30,6 +30,7 @@ from corral.core.lifecycle import (
 from corral.errors import AgentUnavailable, CorralError, HandlerNotFound, LimitExceeded, TaskTimeout
 from corral.sandbox.base import Channel, ExitInfo
 from corral.wire.messages import (
+    Broadcast,
     Cancel,
     Deliver,
     Heartbeat,
@@ -292,6 +293,8 @@ class Instance:
             self.rt.spawn(self.rt.route_send(self, msg))  # type: ignore[arg-type]
         elif t is Request:
             self.rt.spawn(self._route_request(msg))  # type: ignore[arg-type]
+        elif t is Broadcast:
+            self.rt.spawn(self.rt.route_broadcast(self, msg))  # type: ignore[arg-type]
         elif t is Publish:
             self.rt.spawn(self.rt.route_publish(self, msg))  # type: ignore[arg-type]
         elif t is Log:

@@ -27,6 +27,7 @@ from corral.bus.bus import Bus
 from corral.bus.envelope import Guarantee
 from corral.core.lifecycle import Crashed, InitFailed, State
 from corral.core.queue import Priority
+from corral.core.selector import parse_selector
 from corral.errors import (
     AgentNotFound,
     AgentUnavailable,
@@ -450,6 +451,34 @@ class Runtime:
                                idempotency_key=msg.idempotency_key, headers=dict(msg.headers))
         except CorralError as exc:
             self.log(inst.agent.name, inst.name, "error", f"publish to {msg.subject!r} failed: {exc}")
+
+    async def broadcast(self, payload: Any = None, *, handler: str = "",
+                        namespace: str | None = None, selector: str = "",
+                        sender: str = "client") -> dict[str, str]:
+        """Send ``payload`` durably to every agent (but the sender) in scope; agent -> task id."""
+        try:
+            sel = parse_selector(selector)
+        except ValueError as exc:
+            raise SpecError(str(exc), path="selector", got=selector,
+                            expected="requirements like team=nlp,tier!=gpu") from None
+        targets = [a.name for a in self.agents.values()
+                   if a.name != sender and (namespace is None or a.manifest.namespace == namespace)
+                   and sel.matches(a.manifest.metadata.labels)]
+        sent: dict[str, str] = {}
+        for name in targets:
+            try:
+                sent[name] = await self.send(name, payload, handler=handler, sender=sender)
+            except CorralError as exc:  # one full or stopped agent does not stop the rest
+                self.log(name, "", "warning", f"broadcast from {sender!r} not delivered: {exc}")
+        return sent
+
+    async def route_broadcast(self, inst: Instance, msg: Any) -> None:
+        """An agent's broadcast; the sender is the agent the channel belongs to."""
+        try:
+            await self.broadcast(msg.payload, handler=msg.handler, namespace=msg.namespace,
+                                 selector=msg.selector, sender=inst.agent.name)
+        except CorralError as exc:
+            self.log(inst.agent.name, inst.name, "error", f"broadcast failed: {exc}")
 
     async def republish(self, subject: str, data: bytes) -> None:
         """Put a dead letter's original bytes back on its subject."""

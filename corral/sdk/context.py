@@ -26,6 +26,10 @@ class Outbound(Protocol):
                 idempotency_key: str | None, headers: dict[str, str]) -> None:
         """Queue a one-way message on a subject, for every matching subscriber."""
 
+    def broadcast(self, payload: Any, handler: str, namespace: str | None,
+                  selector: str) -> None:
+        """Queue one message for many agents (all, a namespace, or a label selector)."""
+
     def log(self, level: str, message: str) -> None:
         """Record a log line for this agent."""
 
@@ -50,6 +54,18 @@ class Context:
                       timeout: float | None = None) -> Any:
         """Ask the agent named ``to`` and return its answer; raises TaskFailed/TaskTimeout."""
         return await self._out.request(to, payload, handler, timeout)
+
+    def broadcast(self, payload: Any = None, *, handler: str = "", namespace: str | None = None,
+                  selector: str = "") -> None:
+        """Send ``payload`` to every other agent, or those of ``namespace``, or matching ``selector``.
+
+        One-way and durable for each recipient, like ``send``. ``selector`` is kubectl-style
+        (``team=nlp,tier!=gpu,canary``); a malformed one raises ValueError here.
+        """
+        from corral.core.selector import parse_selector
+
+        parse_selector(selector)
+        self._out.broadcast(payload, handler, namespace, selector)
 
     def publish(self, subject: str, payload: Any = None, *, guarantee: Guarantee = "at-most-once",
                 ttl: float | timedelta | None = None, idempotency_key: str | None = None,

@@ -23,6 +23,7 @@ from corral.wire.framing import (
 )
 from corral.wire.messages import (
     PROTOCOL_VERSION,
+    Broadcast,
     Cancel,
     Deliver,
     ErrorInfo,
@@ -52,6 +53,7 @@ __all__ = [
     "PREFIX_SIZE",
     "PROTOCOL_VERSION",
     "TRANSITIONS",
+    "Broadcast",
     "Cancel",
     "Codec",
     "ConnState",

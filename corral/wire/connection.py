@@ -29,6 +29,7 @@ from corral.errors import LocalProtocolError, RemoteProtocolError
 from corral.wire.framing import DEFAULT_MAX_FRAME_SIZE, FrameDecoder, LineDecoder
 from corral.wire.messages import (
     PROTOCOL_VERSION,
+    Broadcast,
     Cancel,
     Deliver,
     ErrorInfo,
@@ -120,11 +121,13 @@ TRANSITIONS: Final[dict[Role, dict[ConnState, dict[type[Any], ConnState]]]] = {
         _S.READYING: {Ready: _S.READY, InitError: _S.CLOSED,
                       Heartbeat: _S.READYING, Log: _S.READYING},
         _S.READY: {Result: _S.READY, Send: _S.READY, Request: _S.READY, Heartbeat: _S.READY,
-                   Log: _S.READY, Stats: _S.READY, MemorySave: _S.READY, Publish: _S.READY},
+                   Log: _S.READY, Stats: _S.READY, MemorySave: _S.READY, Publish: _S.READY,
+                   Broadcast: _S.READY},
         # In-flight handlers finish within the grace, so they may still Send, Request and Publish.
         _S.CLOSING: {Result: _S.CLOSING, Send: _S.CLOSING, Request: _S.CLOSING,
                      Heartbeat: _S.CLOSING, Log: _S.CLOSING, Stats: _S.CLOSING,
-                     MemorySave: _S.CLOSING, Publish: _S.CLOSING, ConnectionClosed: _S.CLOSED},
+                     MemorySave: _S.CLOSING, Publish: _S.CLOSING, Broadcast: _S.CLOSING,
+                     ConnectionClosed: _S.CLOSED},
         # After InitError the agent may still log (or beat) while it exits.
         _S.CLOSED: {Heartbeat: _S.CLOSED, Log: _S.CLOSED, ConnectionClosed: _S.CLOSED},
         _S.ERROR: {},

@@ -13,6 +13,7 @@ import msgspec
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "Broadcast",
     "Cancel",
     "Deliver",
     "ErrorInfo",
@@ -153,9 +154,24 @@ class Publish(msgspec.Struct, frozen=True, tag="publish"):
     headers: dict[str, str] = {}
 
 
+class Broadcast(msgspec.Struct, frozen=True, tag="broadcast"):
+    """The agent sends one message to every agent, or to a namespace, or a label selector.
+
+    Each recipient gets it as a durable one-way task (like Send); the sender is left out.
+    No answer comes back: a bad selector becomes a log line of the agent.
+    """
+
+    payload: Any = None
+    handler: str = ""
+    #: Only agents of this namespace (None: every namespace).
+    namespace: str | None = None
+    #: kubectl-style label selector, e.g. "team=nlp,tier!=gpu" ("": every agent).
+    selector: str = ""
+
+
 ToRuntime = (
     Hello | Ready | InitError | Result | Send | Request | Heartbeat | Log | Stats | MemorySave
-    | Publish
+    | Publish | Broadcast
 )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from corral.errors import CorralError, TaskTimeout, error_from_info
 from corral.sdk.host import AgentHost, error_info, load_class
 from corral.wire.messages import (
+    Broadcast,
     Cancel,
     Deliver,
     ErrorInfo,
@@ -126,6 +127,10 @@ class WorkerCore:
                 idempotency_key: str | None, headers: dict[str, str]) -> None:
         """Outbound: one-way message on a subject."""
         self._emit(Publish(subject, payload, guarantee, ttl, idempotency_key, headers))
+
+    def broadcast(self, payload: Any, handler: str, namespace: str | None, selector: str) -> None:
+        """Outbound: one message for many agents."""
+        self._emit(Broadcast(payload, handler, namespace, selector))
 
     def log(self, level: str, message: str) -> None:
         """Outbound: a log line."""

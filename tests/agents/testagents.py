@@ -133,3 +133,11 @@ class Listener:
     async def shout(self, msg: Message) -> str:
         self.ctx.publish("news.shout", msg.content, guarantee="at-least-once")
         return "published"
+
+
+@Agent(name="announcer")
+class Announcer:
+    @handler
+    async def announce(self, msg: Message) -> str:
+        self.ctx.broadcast(msg.content, handler="on_news", selector="team=nlp")
+        return "announced"

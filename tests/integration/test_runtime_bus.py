@@ -94,3 +94,36 @@ async def test_other_guarantees_reach_the_agent(rt: Runtime, guarantee: str) -> 
     await asyncio.sleep(0.5)
     got = await items(rt)
     assert len(got) == (1 if guarantee == "effectively-once" else 2)
+
+
+async def test_broadcast_reaches_selected_agents_but_not_the_sender(rt: Runtime) -> None:
+    from corral.errors import SpecError
+    from corral.spec.models import AgentManifest
+
+    def labelled(name: str, labels: dict, namespace: str = "default") -> AgentManifest:
+        m = manifest(name, "Listener")
+        d = m.to_dict()
+        d["metadata"] = {"name": name, "namespace": namespace, "labels": labels}
+        return AgentManifest.model_validate(d).with_origin(name, m.base_dir)
+
+    await rt.apply([labelled("nlp-a", {"team": "nlp"}), labelled("nlp-b", {"team": "nlp"}, "lab"),
+                    labelled("vision", {"team": "vision"}),
+                    manifest("announcer", "Announcer")], wait=True, timeout=30)
+    assert await rt.request("announcer", "model v2 is out", handler="announce") == "announced"
+    for name in ("nlp-a", "nlp-b"):
+        got = await wait_items_of(rt, name, 1)
+        assert got[0]["sender"] == "announcer" and got[0]["content"] == "model v2 is out"
+    assert await rt.request("vision", handler="items") == []
+    sent = await rt.broadcast("ns only", handler="on_news", namespace="lab")
+    assert list(sent) == ["nlp-b"]
+    everyone = await rt.broadcast("all", handler="on_news", sender="vision")
+    assert set(everyone) == {"nlp-a", "nlp-b", "announcer"}  # the sender is left out
+    with pytest.raises(SpecError, match="selector"):
+        await rt.broadcast("x", selector="bad key=1")
+
+
+async def wait_items_of(rt: Runtime, name: str, n: int) -> list[dict]:
+    async with asyncio.timeout(20):
+        while len(got := await rt.request(name, handler="items")) < n:
+            await asyncio.sleep(0.05)
+    return got
