@@ -329,7 +329,7 @@ async def _corral_latency(c: BusCounts) -> dict[str, Any]:
 
             lb.consume(handler, "lat.x")
 
-            def pub(t: int) -> Awaitable[Any]:
+            def pub(t: int, bus: Any = bus) -> Awaitable[Any]:
                 return bus.publish(SENDER, "lat.x", t)
 
             await _lat_drive(pub, tally, max(20, c.lat_msgs // 10), fan, c.lat_gap_s)  # warm-up
@@ -437,7 +437,9 @@ class _Side:
 
         await asyncio.gather(*(caller() for _ in range(width)))
 
-    async def consume(self, n: int, batch: int) -> None: ...
+    async def consume(self, n: int, batch: int) -> int:
+        """Consume and ack ``n`` messages; returns perf_counter_ns when the last one was handled."""
+        raise NotImplementedError
 
     async def rep(self, r: int, c: BusCounts) -> dict[str, Any]:
         await self.new_sub(r)
@@ -450,14 +452,21 @@ class _Side:
             await self.pipelined(c.remote_pipe, c.remote_width)
             t2 = now_ns()
             total = c.remote_seq + each * c.remote_width
-            await self.consume(total, c.remote_batch)
-            t3 = now_ns()
+            t3 = await self.consume(total, c.remote_batch)
+            extra = await self.extra(c)
         finally:
             await self.drop_sub()
         return {"seq_per_s": c.remote_seq / ((t1 - t0) / 1e9),
                 "seq_us": (t1 - t0) / 1e3 / c.remote_seq,
                 "pipe_per_s": each * c.remote_width / ((t2 - t1) / 1e9),
-                "consume_per_s": total / ((t3 - t2) / 1e9)}
+                "consume_per_s": total / ((t3 - t2) / 1e9), **extra}
+
+    async def extra(self, c: BusCounts) -> dict[str, Any]:
+        """Figures of this side only (not compared), after (c)."""
+        return {}
+
+    async def server(self) -> str:
+        return ""
 
 
 class _CorralSide(_Side):
@@ -501,7 +510,7 @@ class _CorralSide(_Side):
     def publish(self) -> Awaitable[Any]:  # type: ignore[override]
         return self.bus.publish(SENDER, "r.x", 1, guarantee="at-least-once")
 
-    async def consume(self, n: int, batch: int) -> None:
+    async def consume(self, n: int, batch: int) -> int:
         tally = Tally()
 
         async def handler(env: Any) -> None:
@@ -510,7 +519,11 @@ class _CorralSide(_Side):
         task = asyncio.create_task(self.bus.consume(self.sub, "r.x", handler, batch=batch))
         try:
             await tally.reach(n)
+            return now_ns()
         finally:
+            # Let the last ack go out before cancelling, outside the timing: a RedisBackend whose
+            # settle leader is cancelled while it lingers never settles again (see bench/README.md).
+            await asyncio.sleep(0.1)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
@@ -561,7 +574,22 @@ class _RawNats(_Side):
     def publish(self) -> Awaitable[Any]:  # type: ignore[override]
         return self.js.publish(self.subject, self.data)
 
-    async def consume(self, n: int, batch: int) -> None:
+    async def extra(self, c: BusCounts) -> dict[str, Any]:
+        # nats-py's own pipelined API, for reference: batches of `width` publish_async, then
+        # wait for their PubAcks (not consumed; dropped with the consumer).
+        js, subject, data, width = self.js, self.subject, self.data, c.remote_width
+        batches = max(1, c.remote_pipe // width)
+        t0 = now_ns()
+        for _ in range(batches):
+            acks = [await js.publish_async(subject, data) for _ in range(width)]
+            await asyncio.gather(*acks)
+        return {"publish_async_per_s": batches * width / ((now_ns() - t0) / 1e9)}
+
+    async def server(self) -> str:
+        v = self.nc.connected_server_version
+        return f"nats-server {v.major}.{v.minor}.{v.patch}"
+
+    async def consume(self, n: int, batch: int) -> int:
         from nats.errors import TimeoutError as NatsTimeout
 
         got, decode = 0, self._decode
@@ -577,6 +605,7 @@ class _RawNats(_Side):
                 decode(m.data)
                 got += 1
                 await m.ack()
+        return now_ns()
 
 
 class _RawRedis(_Side):
@@ -608,6 +637,9 @@ class _RawRedis(_Side):
     async def drop_sub(self) -> None:
         await self.r.delete(self.stream)
 
+    async def server(self) -> str:
+        return f"redis-server {(await self.r.info('server'))['redis_version']}"
+
     def publish(self) -> Awaitable[Any]:  # type: ignore[override]
         return self.r.xadd(self.stream, {"d": self.data})
 
@@ -619,7 +651,7 @@ class _RawRedis(_Side):
                     p.xadd(self.stream, {"d": self.data})
                 await p.execute()
 
-    async def consume(self, n: int, batch: int) -> None:
+    async def consume(self, n: int, batch: int) -> int:
         got, decode = 0, self._decode
         deadline = now_ns() + STALL_S * 1e9
         while got < n:
@@ -634,6 +666,7 @@ class _RawRedis(_Side):
                 ids.append(eid)
                 got += 1
             await self.r.xack(self.stream, "g", *ids)
+        return now_ns()
 
 
 async def _remote(kind: str, c: BusCounts) -> dict[str, Any]:
@@ -658,11 +691,12 @@ async def _remote(kind: str, c: BusCounts) -> dict[str, Any]:
                 order = sides if r % 2 == 0 else sides[::-1]  # alternate who goes first
                 for s in order:
                     runs["corral" if s is corral else "raw"].append(await s.rep(r, c))
+            server = await raw.server()
         finally:
             await raw.close()
     finally:
         await corral.close()
-    res: dict[str, Any] = {"payload_bytes": len(probe[0]), "width": c.remote_width,
+    res: dict[str, Any] = {"server": server, "payload_bytes": len(probe[0]), "width": c.remote_width,
                            "batch": c.remote_batch, "corral": median_runs(runs["corral"]),
                            "raw": median_runs(runs["raw"])}
     rows = []
@@ -673,10 +707,13 @@ async def _remote(kind: str, c: BusCounts) -> dict[str, Any]:
         ratio = mine / theirs if theirs else float("nan")
         res[key.replace("_per_s", "_ratio")] = ratio
         rows.append([what, fmt(mine, "msg/s"), fmt(theirs, "msg/s"), f"{ratio:.2f}"])
+    if "publish_async_per_s" in res["raw"]:
+        rows.append([f"(b') for reference: js.publish_async, batches of {c.remote_width}", "",
+                     fmt(res["raw"]["publish_async_per_s"], "msg/s"), ""])
     raw_how = ("js.publish / pull fetch + msg.ack()" if kind == "nats"
                else "XADD / pipeline of XADD / XREADGROUP + XACK")
-    print_table(f"4. {kind.upper()}: Corral Bus (at-least-once) vs raw client ({raw_how}); "
-                f"{res['payload_bytes']}-byte messages, median of {len(runs['raw'])}",
+    print_table(f"4. {kind.upper()} ({server}): Corral Bus (at-least-once) vs raw client "
+                f"({raw_how}); {res['payload_bytes']}-byte messages, median of {len(runs['raw'])}",
                 ["what", "Corral", "raw client", "Corral/raw"], rows)
     return res
 

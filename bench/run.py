@@ -309,6 +309,8 @@ def _ratio(row: Row, mine: Any, theirs: Any) -> str:
     if not isinstance(mine, int | float) or not isinstance(theirs, int | float) or \
             mine <= 0 or theirs <= 0:
         return ""
+    if row.ratio_target is not None:
+        return f"at {mine / theirs:.2f}x peer"
     x = theirs / mine if row.lower_is_better else mine / theirs
     return f"{x:.1f}x faster" if x >= 1 else f"{1 / x:.1f}x slower"
 

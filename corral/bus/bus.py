@@ -101,10 +101,6 @@ class Bus:
         except ValueError as exc:
             raise BusError(str(exc), hint="subjects are dot-separated tokens like news.eu") from exc
         now = time.time()
-        if self._limits is not None and not self._limits.take(sender, now):
-            self.rejected["rate_limited"] += 1
-            raise MessageRejected(f"{sender!r} is over its rate limit of {self.config.rate:g}/s",
-                                  reason="rate_limited", hint="slow down or raise the limit")
         env = Envelope.new(subject, sender, payload, kind=kind, guarantee=guarantee, ttl=ttl,
                            idempotency_key=idempotency_key, reply_to=reply_to,
                            correlation_id=correlation_id, headers=headers or {})
@@ -122,6 +118,10 @@ class Bus:
             raise MessageRejected(
                 f"message of {len(data)} bytes is over the {self.config.max_message_size}-byte limit",
                 reason="too_large", hint="send a reference to the data instead of the data")
+        if self._limits is not None and not self._limits.take(sender, now):
+            self.rejected["rate_limited"] += 1
+            raise MessageRejected(f"{sender!r} is over its rate limit of {self.config.rate:g}/s",
+                                  reason="rate_limited", hint="slow down or raise the limit")
         await self.backend.publish(subject, data, durable=guarantee != "at-most-once")
         return env
 

@@ -410,6 +410,7 @@ class Instance:
         self.outstanding += 1
         channel = self.channel
         try:
+            self.rt.check_outbound(self.agent.name, msg.payload)
             payload = await self.rt.request(msg.to, msg.payload, handler=msg.handler,
                                             timeout=msg.timeout, sender=self.agent.name)
             reply = _reply(msg.id, True, payload)

@@ -22,17 +22,21 @@ from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from corral.bus.backends import open_backend
 from corral.bus.bus import Bus
 from corral.bus.envelope import Guarantee
 from corral.core.lifecycle import Crashed, InitFailed, State
 from corral.core.queue import Priority
+from corral.core.ratelimit import RateLimiter
 from corral.core.selector import parse_selector
 from corral.errors import (
     AgentNotFound,
     AgentUnavailable,
     Backpressure,
     CorralError,
+    MessageRejected,
     SandboxUnavailable,
     SpecError,
     StoreError,
@@ -105,6 +109,8 @@ class Runtime:
         self._log_seq = itertools.count(1)
         self._gc_before: tuple[int, int, int] | None = None
         self.bus: Bus | None = None
+        rate = cfg.bus_config
+        self._agent_limits = RateLimiter(rate.rate, rate.burst, 100_000) if rate.rate > 0 else None
         self.dlq: DeadLetters | None = None
         self._consumers: dict[str, list[asyncio.Task[None]]] = {}
 
@@ -475,6 +481,7 @@ class Runtime:
     async def route_broadcast(self, inst: Instance, msg: Any) -> None:
         """An agent's broadcast; the sender is the agent the channel belongs to."""
         try:
+            self.check_outbound(inst.agent.name, msg.payload)
             await self.broadcast(msg.payload, handler=msg.handler, namespace=msg.namespace,
                                  selector=msg.selector, sender=inst.agent.name)
         except CorralError as exc:
@@ -532,9 +539,27 @@ class Runtime:
         ctl.submit(Work(next(self._ids), handler, payload, "scheduler", "scheduled", ctl.priority,
                         ctl.spec.resources.task_timeout))
 
+    def check_outbound(self, sender: str, payload: Any) -> None:
+        """An agent's direct message: within its rate limit and the size limit, or refused."""
+        cfg = self.config.bus_config
+        bus = self.bus
+        size = len(_PAYLOAD_SIZE(payload))
+        if size > cfg.max_message_size:
+            if bus is not None:
+                bus.rejected["too_large"] += 1
+            raise MessageRejected(f"message of {size} bytes is over the "
+                                  f"{cfg.max_message_size}-byte limit", reason="too_large",
+                                  hint="send a reference to the data instead of the data")
+        if self._agent_limits is not None and not self._agent_limits.take(sender, time.time()):
+            if bus is not None:
+                bus.rejected["rate_limited"] += 1
+            raise MessageRejected(f"{sender!r} is over its rate limit of {cfg.rate:g}/s",
+                                  reason="rate_limited", hint="slow down or raise the limit")
+
     async def route_send(self, inst: Instance, msg: Send) -> None:
         """An agent's one-way message to another agent."""
         try:
+            self.check_outbound(inst.agent.name, msg.payload)
             await self.send(msg.to, msg.payload, handler=msg.handler, sender=inst.agent.name)
         except CorralError as exc:
             self.log(inst.agent.name, inst.name, "error", f"send to {msg.to!r} failed: {exc}")
@@ -791,6 +816,9 @@ class Runtime:
             samples = await asyncio.to_thread(_sample_all, insts)
             for i, s in zip(insts, samples, strict=True):
                 i.sample = s
+
+
+_PAYLOAD_SIZE = msgspec.msgpack.Encoder().encode
 
 
 def _subscription_name(agent: str, subject: str) -> str:

@@ -165,11 +165,14 @@ class WorkerCore:
             res = Result(d.id, False, error=error_info(err, with_traceback=False))
         finally:
             self._tasks.pop(d.id, None)
-        self._emit(res)
         if host is not None:
+            # State first, then the result: the runtime stores them in this order, so a
+            # crash between the two redelivers the task (at-least-once) instead of marking
+            # it done without its effect.
             self._save_memory(host)
-            if host.memory_exhausted:
-                self._finish(EXIT_MEMORY)
+        self._emit(res)
+        if host is not None and host.memory_exhausted:
+            self._finish(EXIT_MEMORY)
 
     def _task_done(self, d: Deliver, task: asyncio.Task[None]) -> None:
         # A Cancel that lands before the task's first step never reaches _run's except:

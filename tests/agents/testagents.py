@@ -141,3 +141,23 @@ class Announcer:
     async def announce(self, msg: Message) -> str:
         self.ctx.broadcast(msg.content, handler="on_news", selector="team=nlp")
         return "announced"
+
+    @handler
+    async def flood(self, msg: Message) -> dict:
+        outcomes: dict = {}
+        for _ in range(int(msg.content)):
+            try:
+                await self.ctx.request("echo", "hi", handler="echo")
+                kind = "ok"
+            except Exception as exc:  # the runtime's refusal comes back as the request's error
+                kind = type(exc).__name__ + ":" + getattr(exc, "message", str(exc))[:40]
+            outcomes[kind] = outcomes.get(kind, 0) + 1
+        return outcomes
+
+    @handler
+    async def big(self, msg: Message) -> str:
+        try:
+            await self.ctx.request("echo", "x" * int(msg.content), handler="echo")
+        except Exception as exc:
+            return type(exc).__name__ + ": " + str(exc)
+        return "sent"

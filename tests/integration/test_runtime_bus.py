@@ -127,3 +127,41 @@ async def wait_items_of(rt: Runtime, name: str, n: int) -> list[dict]:
         while len(got := await rt.request(name, handler="items")) < n:
             await asyncio.sleep(0.05)
     return got
+
+
+@pytest.mark.parametrize("backend", ["nats", "redis"])
+async def test_the_backend_is_one_line_of_config(tmp_path: Path, backend: str) -> None:
+    import uuid
+
+    from tests.bus.conftest import PORTS, _up
+    from tests.conftest import REQUIRE_SERVICES
+
+    if not _up(PORTS[backend]):
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{backend} is required (CORRAL_REQUIRE_SERVICES=1) but not running")
+        pytest.skip(f"{backend} is not running on 127.0.0.1:{PORTS[backend]}")
+    prefix = f"rt{uuid.uuid4().hex[:8]}"
+    async with Runtime(home=tmp_path / "home", bus=backend, bus_prefix=prefix) as rt:
+        await rt.apply([manifest("listener", "Listener", subscriptions=SUBS)], wait=True,
+                       timeout=20)
+        await rt.publish("news.eu", "over " + backend, guarantee="at-least-once")
+        got = await wait_items(rt, 1)
+        assert got[0]["content"] == "over " + backend and rt.stats()["bus"]["backend"] == backend
+        await rt.bus.backend.purge()  # type: ignore[union-attr]
+
+
+async def test_agents_direct_messages_obey_rate_and_size_limits(tmp_path: Path) -> None:
+    from corral.bus.bus import BusConfig
+
+    cfg = BusConfig(rate=20, burst=5, max_message_size=64 * 1024)
+    async with Runtime(home=tmp_path / "home", bus_config=cfg, shutdown_grace=2.0) as rt:
+        await rt.apply([manifest("echo"), manifest("announcer", "Announcer")], wait=True,
+                       timeout=20)
+        out = await rt.request("announcer", 30, handler="flood")
+        refused = sum(v for k, v in out.items() if "rate limit" in k)
+        assert out.get("ok", 0) >= 5 and refused >= 15, out  # a burst of 5, then ~20/s
+        assert "too_large" not in str(out)
+        said = await rt.request("announcer", 200_000, handler="big")
+        assert said.startswith("MessageRejected") and "limit" in said
+        rejected = rt.stats()["bus"]["rejected"]
+        assert rejected["rate_limited"] >= 15 and rejected["too_large"] == 1
