@@ -88,6 +88,14 @@ class Bus:
             raise BusError("encrypted subjects need a keyring",
                            hint="pass keyring=Keyring(path) or drop `encrypt: true`")
 
+    def encrypt(self, filter: str) -> None:
+        """From now on, encrypt payloads published on subjects matching ``filter``."""
+        validate_filter(filter)
+        if self.keyring is None:
+            raise BusError(f"subjects {filter!r} are marked encrypt, but the bus has no keyring",
+                           hint="pass keyring=Keyring(path)")
+        self._encrypted.add(filter, True)
+
     # ------------------------------------------------------------------ publish
 
     async def publish(self, sender: str, subject: str, payload: Any = None, *,

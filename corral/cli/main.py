@@ -383,6 +383,19 @@ def broadcast(
     _show(output, sent, show)
 
 
+keys_app = typer.Typer(help="The bus's encryption keys.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("rotate")
+@_command
+def keys_rotate(home: HomeOpt = None, output: OutputOpt = Output.table) -> None:
+    """Encrypt from now on with a new key; older keys still decrypt messages in flight."""
+    res = _client(home).call("keys.rotate")
+    _show(output, res, lambda: out.print(f"new key {res['key_id']}", markup=False,
+                                         highlight=False))
+
+
 @app.command()
 @_command
 def task(

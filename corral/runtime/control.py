@@ -108,6 +108,10 @@ class _Broadcast(msgspec.Struct):
     selector: str = ""
 
 
+class _Nothing(msgspec.Struct):
+    pass
+
+
 class _Task(msgspec.Struct):
     id: str
 
@@ -426,6 +430,9 @@ class ControlServer:
         return await self.rt.broadcast(a.payload, handler=a.handler, namespace=a.namespace,
                                        selector=a.selector, sender="client")
 
+    async def _keys_rotate(self, a: _Nothing, conn: _Conn, rid: Any) -> Any:
+        return {"key_id": self.rt.rotate_bus_key()}
+
     async def _task(self, a: _Task, conn: _Conn, rid: Any) -> Any:
         rec = await self.rt.task(a.id)
         if rec is None:
@@ -526,6 +533,7 @@ _OPS: dict[str, tuple[type[msgspec.Struct], Handler]] = {
     "send": (_Send, ControlServer._send),
     "publish": (_Publish, ControlServer._publish),
     "broadcast": (_Broadcast, ControlServer._broadcast),
+    "keys.rotate": (_Nothing, ControlServer._keys_rotate),
     "task": (_Task, ControlServer._task),
     "scale": (_Scale, ControlServer._scale),
     "stop": (_Name, ControlServer._stop),

@@ -190,12 +190,9 @@ class Runtime:
         backend = open_backend(cfg.bus, home=cfg.home, url=cfg.bus_url, prefix=cfg.bus_prefix)
         await backend.start()
         cfg.keys_dir.mkdir(mode=0o700, exist_ok=True)
-        keyring = None
-        if cfg.bus_config.encrypted:
-            from corral.bus.crypto import Keyring
+        from corral.bus.crypto import AgentKeys, Keyring
 
-            keyring = Keyring(cfg.keys_dir / "bus-keyring.json")
-        from corral.bus.crypto import AgentKeys
+        keyring = Keyring(cfg.keys_dir / "bus-keyring.json")
 
         self.dlq = DeadLetters(self.store)
         self.bus = Bus(backend, cfg.bus_config, dead_letters=self.dlq, keyring=keyring,
@@ -487,6 +484,13 @@ class Runtime:
         except CorralError as exc:
             self.log(inst.agent.name, inst.name, "error", f"broadcast failed: {exc}")
 
+    def rotate_bus_key(self) -> str:
+        """Start encrypting with a new key; older keys still decrypt what is in flight."""
+        assert self.bus is not None and self.bus.keyring is not None
+        key_id: str = self.bus.keyring.rotate()
+        self.store.append_event("", "bus.key_rotated", {"key_id": key_id})
+        return key_id
+
     async def republish(self, subject: str, data: bytes) -> None:
         """Put a dead letter's original bytes back on its subject."""
         assert self.bus is not None
@@ -503,6 +507,8 @@ class Runtime:
         if self.bus is None:
             return
         for s in ctl.spec.subscriptions:
+            if s.encrypt:
+                self.bus.encrypt(s.subject)
             sub = await self.bus.backend.subscribe(_subscription_name(ctl.name, s.subject),
                                                    s.subject, ack_wait=s.ack_wait)
             await sub.close()

@@ -218,6 +218,9 @@ class SubscriptionSpec(_Model):
     handler: str = ""
     #: How long a delivery may stay unacknowledged before it is redelivered.
     ack_wait: Annotated[Duration, Field(gt=0)] = 30.0
+    #: Encrypt every message published on matching subjects (AES-256-GCM, on the wire and
+    #: at rest in the backend), whoever publishes it.
+    encrypt: bool = False
 
 
 class ToolSpec(_Model):

@@ -165,3 +165,26 @@ async def test_agents_direct_messages_obey_rate_and_size_limits(tmp_path: Path) 
         assert said.startswith("MessageRejected") and "limit" in said
         rejected = rt.stats()["bus"]["rejected"]
         assert rejected["rate_limited"] >= 15 and rejected["too_large"] == 1
+
+
+async def test_encrypted_topic_is_ciphertext_on_the_wire_and_at_rest(tmp_path: Path) -> None:
+    secret = "the vault code is 7391-ALPHA-SECRET"
+    subs = [{"subject": "vault.>", "handler": "on_news", "encrypt": True}]
+    home = tmp_path / "home"
+    async with Runtime(home=home, shutdown_grace=2.0) as rt:
+        await rt.apply([manifest("listener", "Listener", subscriptions=subs)], wait=True,
+                       timeout=20)
+        raw = await rt.bus.backend.subscribe("raw-tap", "vault.>")  # type: ignore[union-attr]
+        await rt.stop("listener")  # so the message stays at rest in the outbox for a while
+        await rt.publish("vault.codes", {"code": secret}, guarantee="at-least-once")
+        (wire,) = await raw.fetch(1, timeout=5)
+        assert secret.encode() not in wire.data  # on the wire
+        await rt.bus.backend.flush()  # type: ignore[union-attr]
+        stored = [f for f in home.iterdir() if f.name.startswith("bus.db")]  # with -wal
+        assert stored and all(secret.encode() not in f.read_bytes() for f in stored)  # at rest
+        assert any(b"vault.codes" in f.read_bytes() for f in stored)  # the message is there
+        old_key = rt.bus.keyring.current_id  # type: ignore[union-attr]
+        assert rt.rotate_bus_key() != old_key  # rotation: the queued message still decrypts
+        await rt.scale("listener", 1)
+        got = await wait_items(rt, 1)
+        assert got[0]["content"] == {"code": secret} and got[0]["subject"] == "vault.codes"
