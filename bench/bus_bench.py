@@ -209,7 +209,7 @@ def available(name: str) -> str | None:
 
 
 class _LocalBus:
-    """A Bus over a fresh LocalBackend in a temporary home, with ``n`` subscriptions to ``fan.x``."""
+    """A Bus over a fresh LocalBackend in a temporary home, with ``n`` subscriptions to ``filter``."""
 
     async def open(self, n: int, filter: str) -> "_LocalBus":
         from corral.bus.backends import open_backend
@@ -230,7 +230,7 @@ class _LocalBus:
                        for n in self.names]
 
     def raw_consume(self, tally: Tally) -> None:
-        """Backend only: fetch + ack, no Bus (no decode, no checks)."""
+        """Backend only (fan-out): fetch + ack on ``fan.x``, no Bus (no decode, no checks)."""
 
         async def loop(name: str) -> None:
             sub = await self.backend.subscribe(name, "fan.x")

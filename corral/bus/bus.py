@@ -178,7 +178,7 @@ class Bus:
             return
         if env.guarantee == "at-most-once":
             await inc.ack()
-            await self._run(handler, env)
+            await self._run(name, handler, env)
             return
         try:
             await handler(env)
@@ -199,7 +199,7 @@ class Bus:
         self.delivered[name] += 1
         await inc.ack()
 
-    async def _run(self, handler: Handler, env: Envelope) -> None:
+    async def _run(self, name: str, handler: Handler, env: Envelope) -> None:
         try:
             await handler(env)
         except asyncio.CancelledError:
@@ -207,7 +207,7 @@ class Bus:
         except Exception:
             pass  # at-most-once: already acknowledged; the handler's error is its own
         else:
-            self.delivered[env.subject] += 1
+            self.delivered[name] += 1
 
     def _open(self, env: Envelope, require_sig: bool) -> Envelope:
         if env.signature is not None:

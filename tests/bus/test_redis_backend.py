@@ -288,3 +288,39 @@ async def test_scripts_are_reloaded_after_redis_forgot_them(make: Make) -> None:
     await b._client.script_flush()
     await m.ack()
     assert await sub.fetch(1, timeout=0.2) == []
+
+
+async def test_a_cancelled_ack_does_not_stall_later_acks() -> None:
+    """Regression: an ack cancelled while it lingered made later acks wait forever."""
+    import asyncio
+    import uuid
+
+    from corral.bus.backends.redis import RedisBackend
+
+    b = RedisBackend(prefix=f"t{uuid.uuid4().hex[:8]}")
+    try:
+        await b.start()
+    except Exception as exc:
+        import os
+
+        import pytest
+
+        if os.environ.get("CORRAL_REQUIRE_SERVICES") == "1":
+            raise
+        pytest.skip(f"redis unavailable: {exc}")
+    try:
+        sub = await b.subscribe("s", "q")
+        await b.publish("q", b"1")
+        await b.publish("q", b"2")
+        got: list = []
+        async with asyncio.timeout(5):
+            while len(got) < 2:
+                got += await sub.fetch(2, timeout=0.5)
+        first = asyncio.ensure_future(got[0].ack())
+        await asyncio.sleep(0)
+        first.cancel()
+        async with asyncio.timeout(5):
+            await got[1].ack()  # stalled forever before the fix
+    finally:
+        await b.purge()
+        await b.aclose()

@@ -346,6 +346,10 @@ class _GroupCommit(Generic[T]):
                     e.fut.set_exception(BusError(
                         "the batch was interrupted; it may or may not have been applied",
                         hint="retry if the operation matters (redelivery is at least once)"))
+            if not mine.done():
+                # Cancelled before our own item went out: drop it, or _hand_off would make
+                # this abandoned entry the next leader and nobody would ever send again.
+                mine.cancel()
             self._hand_off()
         mine.result()  # raise this caller's own error, if any
 
