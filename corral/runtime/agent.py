@@ -14,7 +14,7 @@ from corral.errors import AgentUnavailable, CorralError, error_from_info
 from corral.runtime.instance import Instance
 from corral.sandbox.base import Channel, ExitInfo
 from corral.sandbox.limits import Limits
-from corral.spec.models import AgentManifest
+from corral.spec.models import AgentManifest, SubscriptionSpec
 from corral.wire.messages import Result
 
 if TYPE_CHECKING:
@@ -65,11 +65,19 @@ class AgentController:
         self._available: dict[Instance, None] = {}
         self._seq = itertools.count()
         self._warned_schedules = False
+        #: Subscriptions the agent made at run time (ctx.subscribe), by subject.
+        self.dynamic: dict[str, SubscriptionSpec] = {}
         base = manifest.base_dir
         self.python_path = [os.path.normpath(os.path.join(base, p)) for p in self.spec.python_path]
         if not self.python_path and self.spec.entrypoint:
             self.python_path = [base]
         self.cwd = os.path.normpath(os.path.join(base, self.spec.workdir or "."))
+
+    def subscriptions(self) -> list[SubscriptionSpec]:
+        """Manifest subscriptions, then those made at run time."""
+        declared = {s.subject for s in self.spec.subscriptions}
+        return [*self.spec.subscriptions,
+                *(s for k, s in self.dynamic.items() if k not in declared)]
 
     # ---------------------------------------------------------------- replicas
 

@@ -47,7 +47,9 @@ from corral.wire.messages import (
     Send,
     Shutdown,
     Stats,
+    Subscribe,
     ToRuntime,
+    Unsubscribe,
 )
 
 if TYPE_CHECKING:
@@ -293,6 +295,10 @@ class Instance:
             self.rt.spawn(self.rt.route_send(self, msg))  # type: ignore[arg-type]
         elif t is Request:
             self.rt.spawn(self._route_request(msg))  # type: ignore[arg-type]
+        elif t is Subscribe:
+            self.rt.spawn(self.rt.route_subscribe(self, msg))  # type: ignore[arg-type]
+        elif t is Unsubscribe:
+            self.rt.spawn(self.rt.route_unsubscribe(self, msg))  # type: ignore[arg-type]
         elif t is Broadcast:
             self.rt.spawn(self.rt.route_broadcast(self, msg))  # type: ignore[arg-type]
         elif t is Publish:

@@ -30,6 +30,8 @@ class AgentRecord:
     gave_up: str | None = None
     restarts: int = 0
     instances: dict[str, State] = field(default_factory=dict)
+    #: Subscriptions made at run time: subject -> their stored spec.
+    dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,7 +56,7 @@ class Projection:
                               generation=d.get("generation", 1),
                               replicas=d["manifest"]["spec"].get("replicas", 1))
             if old is not None:
-                rec.restarts, rec.instances = old.restarts, old.instances
+                rec.restarts, rec.instances, rec.dynamic = old.restarts, old.instances, old.dynamic
             self.agents[ev.agent] = rec
             return
         rec_or_none = self.agents.get(ev.agent)
@@ -67,6 +69,10 @@ class Projection:
             rec.replicas, rec.stopped, rec.gave_up = d["replicas"], False, None
         elif ev.kind == "agent.stopped":
             rec.stopped = True
+        elif ev.kind == "agent.subscribed":
+            rec.dynamic[d["subject"]] = d
+        elif ev.kind == "agent.unsubscribed":
+            rec.dynamic.pop(d["subject"], None)
         elif ev.kind == "agent.gave_up":
             rec.gave_up = d.get("reason", "")
         elif ev.kind == "instance.created":

@@ -55,7 +55,7 @@ from corral.sandbox.inproc import InprocLauncher
 from corral.sandbox.process import ProcessLauncher
 from corral.sandbox.zygote_client import Zygote
 from corral.spec.loader import load_paths, validate_set
-from corral.spec.models import AgentManifest
+from corral.spec.models import AgentManifest, SubscriptionSpec
 from corral.store.records import LogRecord, TaskRecord
 from corral.store.sqlite import SQLiteStore
 from corral.wire.messages import Schedule, Send
@@ -112,7 +112,8 @@ class Runtime:
         rate = cfg.bus_config
         self._agent_limits = RateLimiter(rate.rate, rate.burst, 100_000) if rate.rate > 0 else None
         self.dlq: DeadLetters | None = None
-        self._consumers: dict[str, list[asyncio.Task[None]]] = {}
+        #: agent -> subject -> its competing fetchers
+        self._consumers: dict[str, dict[str, list[asyncio.Task[None]]]] = {}
 
     # ================================================================ lifecycle of the runtime
 
@@ -170,9 +171,8 @@ class Runtime:
             return
         self._closing = True
         self.scheduler.close()
-        for tasks in self._consumers.values():
-            for task in tasks:
-                task.cancel()
+        for name in list(self._consumers):
+            self.pause_subscriptions(name)
         await asyncio.gather(*(a.stop_all("runtime shutdown") for a in self.agents.values()))
         for q in (q for qs in self._followers.values() for q in qs):
             _offer(q, None)
@@ -216,6 +216,7 @@ class Runtime:
             ctl = self._new_controller(manifest, rec.generation)
             ctl.replicas, ctl.stopped, ctl.gave_up = rec.replicas, rec.stopped, rec.gave_up
             ctl.restarts = rec.restarts
+            ctl.dynamic = {k: SubscriptionSpec.model_validate(v) for k, v in rec.dynamic.items()}
             await self._load_memory(ctl)
             await self._start_controller(ctl)
         pending = await self.store.pending_tasks()
@@ -280,7 +281,7 @@ class Runtime:
                 await self._remove_controller(old, "reconfigured")
             ctl = self._new_controller(m, old.generation + 1 if old else 1)
             if old is not None:
-                ctl.memory, ctl.restarts = old.memory, old.restarts
+                ctl.memory, ctl.restarts, ctl.dynamic = old.memory, old.restarts, old.dynamic
             else:
                 await self._load_memory(ctl)
             await self._start_controller(ctl)
@@ -498,32 +499,88 @@ class Runtime:
 
     def pause_subscriptions(self, name: str) -> None:
         """Stop fetching for an agent that cannot take work; messages wait, durably."""
-        for task in self._consumers.pop(name, []):
-            task.cancel()
+        for tasks in self._consumers.pop(name, {}).values():
+            for task in tasks:
+                task.cancel()
 
     async def _open_subscriptions(self, ctl: AgentController) -> None:
         # Create the durable subscriptions now, before apply returns: a message published
         # right after must reach the agent even if no fetcher runs yet.
         if self.bus is None:
             return
-        for s in ctl.spec.subscriptions:
-            if s.encrypt:
-                self.bus.encrypt(s.subject)
-            sub = await self.bus.backend.subscribe(_subscription_name(ctl.name, s.subject),
-                                                   s.subject, ack_wait=s.ack_wait)
-            await sub.close()
+        for s in ctl.subscriptions():
+            await self._open_subscription(ctl, s)
+
+    async def _open_subscription(self, ctl: AgentController, s: SubscriptionSpec) -> None:
+        assert self.bus is not None
+        if s.encrypt:
+            self.bus.encrypt(s.subject)
+        sub = await self.bus.backend.subscribe(_subscription_name(ctl.name, s.subject),
+                                               s.subject, ack_wait=s.ack_wait)
+        await sub.close()
 
     def _subscribe(self, ctl: AgentController) -> None:
-        if self.bus is None or not ctl.spec.subscriptions or ctl.stopped or ctl.gave_up \
+        if self.bus is None or not ctl.subscriptions() or ctl.stopped or ctl.gave_up \
                 or ctl.name in self._consumers:
             return
-        tasks = self._consumers.setdefault(ctl.name, [])
-        for s in ctl.spec.subscriptions:
-            # One fetcher per replica (at most 16): they compete, so each message reaches
-            # the agent once, and up to `replicas` are handled at a time.
-            for _ in range(min(16, max(1, ctl.replicas))):
-                assert self._tg is not None
-                tasks.append(self._tg.create_task(self._consume(ctl.name, s)))
+        for s in ctl.subscriptions():
+            self._start_fetchers(ctl, s)
+
+    def _start_fetchers(self, ctl: AgentController, s: SubscriptionSpec) -> None:
+        # One fetcher per replica (at most 16): they compete, so each message reaches the
+        # agent once, and up to `replicas` are handled at a time.
+        assert self._tg is not None
+        tasks = self._consumers.setdefault(ctl.name, {}).setdefault(s.subject, [])
+        for _ in range(min(16, max(1, ctl.replicas))):
+            tasks.append(self._tg.create_task(self._consume(ctl.name, s)))
+
+    async def add_subscription(self, name: str, s: SubscriptionSpec) -> None:
+        """Subscribe an agent at run time; durable, recorded, and kept across restarts."""
+        ctl = self._agent(name)
+        if s.subject in {x.subject for x in ctl.subscriptions()}:
+            return
+        # Open it first: once it shows as subscribed, every later publish reaches it.
+        if self.bus is not None:
+            await self._open_subscription(ctl, s)
+        self.store.append_event(name, "agent.subscribed", s.model_dump(by_alias=True))
+        await self.store.commit()
+        ctl.dynamic[s.subject] = s
+        if self.bus is not None and not (ctl.stopped or ctl.gave_up):
+            self._start_fetchers(ctl, s)
+
+    async def remove_subscription(self, name: str, subject: str) -> None:
+        """Drop a subscription made at run time (manifest ones change by applying)."""
+        ctl = self._agent(name)
+        if subject not in ctl.dynamic:
+            raise SpecError(f"{name!r} has no run-time subscription to {subject!r}",
+                            path="subject", got=subject,
+                            expected=f"one of {sorted(ctl.dynamic)}")
+        # Close it first: once it no longer shows, nothing more is delivered from it.
+        tasks = self._consumers.get(name, {}).pop(subject, [])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.bus is not None:
+            await self.bus.backend.unsubscribe(_subscription_name(name, subject))
+        self.store.append_event(name, "agent.unsubscribed", {"subject": subject})
+        await self.store.commit()
+        ctl.dynamic.pop(subject, None)
+
+    async def route_subscribe(self, inst: Instance, msg: Any) -> None:
+        """An agent subscribes itself at run time."""
+        try:
+            spec = SubscriptionSpec(subject=msg.subject, handler=msg.handler,
+                                    ack_wait=msg.ack_wait)
+            await self.add_subscription(inst.agent.name, spec)
+        except (ValueError, CorralError) as exc:
+            self.log(inst.agent.name, inst.name, "error", f"subscribe to {msg.subject!r} failed: {exc}")
+
+    async def route_unsubscribe(self, inst: Instance, msg: Any) -> None:
+        """An agent drops one of its run-time subscriptions."""
+        try:
+            await self.remove_subscription(inst.agent.name, msg.subject)
+        except CorralError as exc:
+            self.log(inst.agent.name, inst.name, "error", f"unsubscribe failed: {exc}")
 
     async def _consume(self, agent: str, s: Any) -> None:
         assert self.bus is not None
@@ -613,7 +670,7 @@ class Runtime:
         ctl = self._agent(name)
         await self._remove_controller(ctl, "deleted")
         if self.bus is not None:
-            for s in ctl.spec.subscriptions:
+            for s in ctl.subscriptions():
                 await self.bus.backend.unsubscribe(_subscription_name(name, s.subject))
         for work in ctl.mailbox.drain():
             ctl.fail(work, AgentNotFound(f"agent {name!r} was deleted"))

@@ -30,6 +30,12 @@ class Outbound(Protocol):
                   selector: str) -> None:
         """Queue one message for many agents (all, a namespace, or a label selector)."""
 
+    def subscribe(self, subject: str, handler: str, ack_wait: float) -> None:
+        """Start consuming a topic (durably)."""
+
+    def unsubscribe(self, subject: str) -> None:
+        """Stop consuming a topic subscribed to at run time."""
+
     def log(self, level: str, message: str) -> None:
         """Record a log line for this agent."""
 
@@ -54,6 +60,27 @@ class Context:
                       timeout: float | None = None) -> Any:
         """Ask the agent named ``to`` and return its answer; raises TaskFailed/TaskTimeout."""
         return await self._out.request(to, payload, handler, timeout)
+
+    def subscribe(self, subject: str, *, handler: str = "", ack_wait: float = 30.0) -> None:
+        """Consume messages on ``subject`` (``*``/``>`` wildcards) with ``handler``, from now on.
+
+        Durable, like a manifest subscription: it survives restarts until ``unsubscribe``.
+        It takes effect asynchronously: messages published before the runtime has opened it
+        are not delivered to it.
+        """
+        from corral.core.subjects import validate_filter
+
+        try:
+            validate_filter(subject)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"can't subscribe to {subject!r}: {exc}") from exc
+        if not ack_wait > 0:
+            raise ValueError(f"ack_wait must be positive, got {ack_wait!r}")
+        self._out.subscribe(subject, handler, float(ack_wait))
+
+    def unsubscribe(self, subject: str) -> None:
+        """Stop consuming ``subject`` (a subscription made with ``subscribe``)."""
+        self._out.unsubscribe(subject)
 
     def broadcast(self, payload: Any = None, *, handler: str = "", namespace: str | None = None,
                   selector: str = "") -> None:

@@ -43,8 +43,10 @@ from corral.wire.messages import (
     Send,
     Shutdown,
     Stats,
+    Subscribe,
     ToRuntime,
     ToWorker,
+    Unsubscribe,
 )
 
 __all__ = [
@@ -81,8 +83,10 @@ __all__ = [
     "Send",
     "Shutdown",
     "Stats",
+    "Subscribe",
     "ToRuntime",
     "ToWorker",
+    "Unsubscribe",
     "encode_frame",
     "encode_line",
 ]

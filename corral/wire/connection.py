@@ -47,8 +47,10 @@ from corral.wire.messages import (
     Send,
     Shutdown,
     Stats,
+    Subscribe,
     ToRuntime,
     ToWorker,
+    Unsubscribe,
 )
 
 __all__ = [
@@ -122,7 +124,7 @@ TRANSITIONS: Final[dict[Role, dict[ConnState, dict[type[Any], ConnState]]]] = {
                       Heartbeat: _S.READYING, Log: _S.READYING},
         _S.READY: {Result: _S.READY, Send: _S.READY, Request: _S.READY, Heartbeat: _S.READY,
                    Log: _S.READY, Stats: _S.READY, MemorySave: _S.READY, Publish: _S.READY,
-                   Broadcast: _S.READY},
+                   Broadcast: _S.READY, Subscribe: _S.READY, Unsubscribe: _S.READY},
         # In-flight handlers finish within the grace, so they may still Send, Request and Publish.
         _S.CLOSING: {Result: _S.CLOSING, Send: _S.CLOSING, Request: _S.CLOSING,
                      Heartbeat: _S.CLOSING, Log: _S.CLOSING, Stats: _S.CLOSING,

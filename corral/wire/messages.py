@@ -33,8 +33,10 @@ __all__ = [
     "Send",
     "Shutdown",
     "Stats",
+    "Subscribe",
     "ToRuntime",
     "ToWorker",
+    "Unsubscribe",
 ]
 
 #: Bumped only by a change that breaks the evolution rules above.
@@ -169,9 +171,27 @@ class Broadcast(msgspec.Struct, frozen=True, tag="broadcast"):
     selector: str = ""
 
 
+class Subscribe(msgspec.Struct, frozen=True, tag="subscribe"):
+    """The agent starts consuming a topic at run time; it lasts until Unsubscribe or delete.
+
+    Durable: it survives restarts of the agent and of the runtime. No answer comes back; a
+    bad filter becomes an error line in the agent's log.
+    """
+
+    subject: str
+    handler: str = ""
+    ack_wait: float = 30.0
+
+
+class Unsubscribe(msgspec.Struct, frozen=True, tag="unsubscribe"):
+    """The agent stops consuming a topic it subscribed to at run time."""
+
+    subject: str
+
+
 ToRuntime = (
     Hello | Ready | InitError | Result | Send | Request | Heartbeat | Log | Stats | MemorySave
-    | Publish | Broadcast
+    | Publish | Broadcast | Subscribe | Unsubscribe
 )
 
 

@@ -30,8 +30,10 @@ from corral.wire.messages import (
     Result,
     Send,
     Shutdown,
+    Subscribe,
     ToRuntime,
     ToWorker,
+    Unsubscribe,
 )
 
 __all__ = ["EXIT_MEMORY", "EXIT_OK", "WorkerCore"]
@@ -127,6 +129,14 @@ class WorkerCore:
                 idempotency_key: str | None, headers: dict[str, str]) -> None:
         """Outbound: one-way message on a subject."""
         self._emit(Publish(subject, payload, guarantee, ttl, idempotency_key, headers))
+
+    def subscribe(self, subject: str, handler: str, ack_wait: float) -> None:
+        """Outbound: subscribe at run time."""
+        self._emit(Subscribe(subject, handler, ack_wait))
+
+    def unsubscribe(self, subject: str) -> None:
+        """Outbound: unsubscribe."""
+        self._emit(Unsubscribe(subject))
 
     def broadcast(self, payload: Any, handler: str, namespace: str | None, selector: str) -> None:
         """Outbound: one message for many agents."""

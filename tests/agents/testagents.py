@@ -130,6 +130,16 @@ class Listener:
         return list(self.got["items"])
 
     @handler
+    async def join(self, msg: Message) -> str:
+        self.ctx.subscribe(msg.content, handler="on_news")
+        return "joined"
+
+    @handler
+    async def leave(self, msg: Message) -> str:
+        self.ctx.unsubscribe(msg.content)
+        return "left"
+
+    @handler
     async def shout(self, msg: Message) -> str:
         self.ctx.publish("news.shout", msg.content, guarantee="at-least-once")
         return "published"

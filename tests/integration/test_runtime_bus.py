@@ -188,3 +188,27 @@ async def test_encrypted_topic_is_ciphertext_on_the_wire_and_at_rest(tmp_path: P
         await rt.scale("listener", 1)
         got = await wait_items(rt, 1)
         assert got[0]["content"] == {"code": secret} and got[0]["subject"] == "vault.codes"
+
+
+async def test_subscriptions_made_at_run_time_last_until_unsubscribed(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    async with Runtime(home=home, shutdown_grace=2.0) as rt:
+        await rt.apply([manifest("listener", "Listener")], wait=True, timeout=20)
+        assert await rt.request("listener", "alerts.*", handler="join") == "joined"
+        async with asyncio.timeout(10):
+            while "alerts.*" not in rt.agents["listener"].dynamic:
+                await asyncio.sleep(0.02)
+        await rt.publish("alerts.fire", "one", guarantee="at-least-once")
+        assert [g["content"] for g in await wait_items(rt, 1)] == ["one"]
+    async with Runtime(home=home, shutdown_grace=2.0) as rt:  # restored from the event log
+        await rt.wait_ready(["listener"], timeout=20)
+        assert "alerts.*" in rt.agents["listener"].dynamic
+        await rt.publish("alerts.flood", "two", guarantee="at-least-once")
+        assert [g["content"] for g in await wait_items(rt, 2)] == ["one", "two"]
+        assert await rt.request("listener", "alerts.*", handler="leave") == "left"
+        async with asyncio.timeout(10):
+            while rt.agents["listener"].dynamic:
+                await asyncio.sleep(0.02)
+        await rt.publish("alerts.fire", "three", guarantee="at-least-once")
+        await asyncio.sleep(0.5)
+        assert [g["content"] for g in await items(rt)] == ["one", "two"]

@@ -41,6 +41,8 @@ from corral.wire import (
     Send,
     Shutdown,
     Stats,
+    Subscribe,
+    Unsubscribe,
     encode_frame,
     encode_line,
 )
@@ -65,6 +67,8 @@ SAMPLES: dict[type[Any], Message] = {
                      ttl=30.0, idempotency_key="order-1", headers={"trace": "t1"}),
     Broadcast: Broadcast(payload={"alert": 1}, handler="on_alert", namespace="ops",
                          selector="team=nlp,tier!=gpu"),
+    Subscribe: Subscribe(subject="orders.>", handler="on_order", ack_wait=10.0),
+    Unsubscribe: Unsubscribe(subject="orders.>"),
     Init: Init(agent="a", instance="a-0", entrypoint="m:A", config={"c": 1}, memory={"m": 2},
                heartbeat_interval=0.5),
     Deliver: Deliver(id=1, handler="echo", payload={"x": 1}, sender="cli", timeout=300.0,
@@ -87,6 +91,8 @@ SENT_BY: dict[Role, list[type[Any]]] = {
         MemorySave,
         Publish,
         Broadcast,
+        Subscribe,
+        Unsubscribe,
     ],
     Role.RUNTIME: [Init, Deliver, Reply, Cancel, Shutdown],
 }
