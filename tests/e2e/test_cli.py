@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,10 +66,10 @@ def _start(home: Path, log: Path) -> subprocess.Popen[bytes]:
                                 stderr=subprocess.STDOUT, cwd=ROOT, env=_env())
 
 
-@pytest.fixture(scope="module")
-def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    home = Path(tempfile.mkdtemp(prefix="corral-e2e-"))  # short: AF_UNIX paths are limited
-    log = tmp_path_factory.mktemp("up") / "up.log"
+@contextmanager
+def serving(prefix: str, log: Path) -> Iterator[Up]:
+    """A `corral up` in a fresh home, served and ready; stopped with SIGINT on the way out."""
+    home = Path(tempfile.mkdtemp(prefix=prefix))  # short: AF_UNIX paths are limited
     proc = _start(home, log)
     u = Up(proc, home, log)
     try:
@@ -89,6 +90,12 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
                 proc.kill()
                 proc.wait(5)
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    with serving("corral-e2e-", tmp_path_factory.mktemp("up") / "up.log") as u:
+        yield u
 
 
 def wait_for(check: object, what: str, timeout: float = 15) -> None:

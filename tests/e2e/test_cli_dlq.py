@@ -7,19 +7,15 @@ One `up` serves the whole module (tests run in file order and build on each othe
 from __future__ import annotations
 
 import json
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.e2e.test_cli import Up, _env, _start, corral, ok, wait_for
+from tests.e2e.test_cli import Up, _env, corral, ok, serving, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 AGENTS = ROOT / "tests" / "agents"
@@ -47,31 +43,11 @@ spec:
 
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    home = Path(tempfile.mkdtemp(prefix="corral-dlq-"))  # short: AF_UNIX paths are limited
     tmp = tmp_path_factory.mktemp("dlq")
-    log = tmp / "up.log"
-    proc = _start(home, log)
-    u = Up(proc, home, log)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, f"`corral up` exited early:\n{u.output()}"
-            if (home / "corral.sock").exists() and corral(u, "get", "agents").returncode == 0:
-                break
-            assert time.monotonic() < deadline, f"`corral up` never served:\n{u.output()}"
-            time.sleep(0.1)
+    with serving("corral-dlq-", tmp / "up.log") as u:
         (tmp / "agents.yaml").write_text(MANIFESTS)
         ok(u, "apply", "-f", str(tmp / "agents.yaml"))
         yield u
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def letters(up: Up, *args: str) -> list[dict[str, Any]]:
