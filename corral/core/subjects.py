@@ -19,7 +19,13 @@ import re
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
-__all__ = ["SubjectTrie", "matches", "validate_filter", "validate_subject"]
+__all__ = [
+    "SubjectTrie",
+    "matches",
+    "tokens_match",
+    "validate_filter",
+    "validate_subject",
+]
 
 T = TypeVar("T", bound=Hashable)
 
@@ -53,14 +59,17 @@ def matches(filter: str, subject: str) -> bool:
     """Whether ``filter`` matches the publish subject ``subject``; ValueError if either is invalid."""
     validate_filter(filter)
     validate_subject(subject)
-    want = filter.split(".")
-    got = subject.split(".")
-    for i, token in enumerate(want):
+    return tokens_match(tuple(filter.split(".")), tuple(subject.split(".")))
+
+
+def tokens_match(filter: tuple[str, ...], subject: tuple[str, ...]) -> bool:
+    """``matches`` on pre-split, already validated tokens (for callers that cache them)."""
+    for i, token in enumerate(filter):
         if token == _REST:
-            return len(got) > i
-        if i >= len(got) or (token != _ONE and token != got[i]):
+            return len(subject) > i
+        if i >= len(subject) or (token != _ONE and token != subject[i]):
             return False
-    return len(want) == len(got)
+    return len(filter) == len(subject)
 
 
 def _explain(text: str, *, wildcards: bool) -> str:

@@ -39,7 +39,6 @@ import asyncio
 import heapq
 import os
 import queue
-import re
 import sqlite3
 import threading
 import time
@@ -51,44 +50,33 @@ from typing import Any, Final
 import msgspec
 
 from corral.bus.backend import Incoming, Subscription
+from corral.core.subjects import tokens_match, validate_filter, validate_subject
 from corral.errors import BackendUnavailable, BusError
 
 __all__ = ["LocalBackend", "split_filter", "split_subject", "tokens_match"]
 
 # ---------------------------------------------------------------------------------- subjects
-# A token is one or more of A-Z a-z 0-9 _ - (as in corral/core/subjects.py, which replaces this).
-
-_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9_-]+")
-_SUBJECT_RE: Final = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
-_FILTER_RE: Final = re.compile(r"(?:[A-Za-z0-9_-]+|\*)(?:\.(?:[A-Za-z0-9_-]+|\*))*(?:\.>)?|>")
-_SUBJECT_RULE: Final = "tokens of letters, digits, '_' and '-' joined by '.'"
+# The rules are corral/core/subjects.py's; here they raise BusError, as backends do.
 
 
 def split_subject(subject: str) -> tuple[str, ...]:
     """The tokens of a publish subject; BusError if it is empty, malformed or has a wildcard."""
-    if not isinstance(subject, str) or _SUBJECT_RE.fullmatch(subject) is None:
-        raise BusError(f"invalid subject {subject!r}",
-                       hint=f"a subject is {_SUBJECT_RULE}; no '*' or '>' when publishing")
+    try:
+        validate_subject(subject)
+    except (TypeError, ValueError) as exc:
+        raise BusError(f"invalid subject {subject!r}: {exc}",
+                       hint="no '*' or '>' when publishing") from exc
     return tuple(subject.split("."))
 
 
 def split_filter(filter: str) -> tuple[str, ...]:
     """The tokens of a subscription filter; BusError unless ``*``/``>`` are whole tokens, ``>`` last."""
-    if not isinstance(filter, str) or _FILTER_RE.fullmatch(filter) is None:
-        raise BusError(f"invalid filter {filter!r}",
-                       hint=f"a filter is {_SUBJECT_RULE}, where a token may be '*' (one token) "
-                            "or, last, '>' (one or more tokens)")
+    try:
+        validate_filter(filter)
+    except (TypeError, ValueError) as exc:
+        raise BusError(f"invalid filter {filter!r}: {exc}",
+                       hint="'*' is one token; '>' (last) is one or more") from exc
     return tuple(filter.split("."))
-
-
-def tokens_match(filter: tuple[str, ...], subject: tuple[str, ...]) -> bool:
-    """Whether filter tokens match subject tokens: ``*`` is one token, ``>`` one or more trailing."""
-    for i, token in enumerate(filter):
-        if token == ">":
-            return len(subject) > i
-        if i >= len(subject) or (token != "*" and token != subject[i]):
-            return False
-    return len(filter) == len(subject)
 
 
 # ---------------------------------------------------------------------------------- storage
