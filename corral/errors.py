@@ -27,6 +27,13 @@
         TaskTimeout                the task ran past its deadline and was cancelled
         Backpressure               a bounded queue is full; retry later
       StoreError                   the embedded store failed
+      PolicyError                  a policy could not be loaded or evaluated
+        PolicyInvalid              a policy or schema does not parse or validate (line, column)
+        PolicyDenied               the policy denied the action; nothing was done
+      AuditError                   the audit trail failed
+        AuditUnavailable           a record could not be written; the action was refused
+        AuditKeyError              the audit signing key is missing, unreadable or corrupt
+        AuditTampered              verification found a bad record (named in the message)
       ControlError
         RuntimeNotRunning          no runtime answers on the control socket
 
@@ -43,6 +50,10 @@ __all__ = [
     "AgentError",
     "AgentNotFound",
     "AgentUnavailable",
+    "AuditError",
+    "AuditKeyError",
+    "AuditTampered",
+    "AuditUnavailable",
     "BackendUnavailable",
     "Backpressure",
     "BusError",
@@ -55,6 +66,9 @@ __all__ = [
     "LimitExceeded",
     "LocalProtocolError",
     "MessageRejected",
+    "PolicyDenied",
+    "PolicyError",
+    "PolicyInvalid",
     "RemoteProtocolError",
     "RestartLimitExceeded",
     "RuntimeNotRunning",
@@ -303,6 +317,66 @@ class StoreError(CorralError):
     """The embedded store failed to read or write."""
 
     hint = "check the disk and permissions of CORRAL_HOME"
+
+
+class PolicyError(CorralError):
+    """A policy could not be loaded or evaluated; the action it guards is denied."""
+
+    hint = "check the policies with `corral policy check FILE`; see docs/policy.md"
+
+
+class PolicyInvalid(PolicyError):
+    """A policy or schema does not parse or does not validate against the schema."""
+
+    hint = "fix the policy at the line and column given; `corral policy check FILE` re-checks it"
+
+    def __init__(self, message: str, *, problems: list[dict[str, Any]] | None = None,
+                 hint: str | None = None) -> None:
+        #: One dict per problem: file, line, column, message.
+        self.problems = problems or []
+        super().__init__(message, hint=hint)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The base form plus each problem."""
+        return {**super().to_dict(), "problems": self.problems}
+
+
+class PolicyDenied(PolicyError):
+    """The policy denied the action; nothing was done."""
+
+    hint = "see which policies decided with `corral policy eval`, or change the policy"
+
+    def __init__(self, message: str, *, action: str = "", principal: str = "",
+                 resource: str = "", policies: list[str] | None = None,
+                 hint: str | None = None) -> None:
+        self.action, self.principal, self.resource = action, principal, resource
+        #: Ids of the policies that decided (empty when no policy permitted it).
+        self.policies = policies or []
+        super().__init__(message, hint=hint)
+
+
+class AuditError(CorralError):
+    """The audit trail failed."""
+
+    hint = "see docs/audit-format.md"
+
+
+class AuditUnavailable(AuditError):
+    """An audit record could not be written, so the action it records was refused."""
+
+    hint = "free disk space or fix the permissions of CORRAL_HOME/audit.db, then retry"
+
+
+class AuditKeyError(AuditError):
+    """The audit signing key is missing, unreadable or corrupt."""
+
+    hint = "restore CORRAL_HOME/keys/audit from backup; a new key can only start a new trail"
+
+
+class AuditTampered(AuditError):
+    """Verification found a record that was edited, deleted, inserted or reordered."""
+
+    hint = "the trail is not trustworthy from the record named; keep the file for forensics"
 
 
 class ControlError(CorralError):
