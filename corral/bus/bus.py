@@ -9,7 +9,12 @@ subscription that checks, in order: decodable, TTL, signature, decryption, dupli
 - at-most-once: acknowledged before the handler runs (a crash loses it, never repeats it);
 - at-least-once: acknowledged after the handler returns; a failure or a lost consumer
   redelivers with backoff, and after ``max_deliver`` deliveries it is dead-lettered;
-- effectively-once: at-least-once plus an idempotency-key window that drops repeats.
+- effectively-once: at-least-once plus an idempotency-key window that drops repeats (the
+  key is the message's idempotency key, or its id: a redelivered copy is a repeat too).
+
+A subscription may set its own guarantee, which overrides each message's. Publishing on a
+subject that an at-least-once (or effectively-once) subscription of this bus matches is
+durable whatever the message asked for, so that subscriber cannot lose it to a crash.
 
 Every refusal is counted by reason, and every dead letter records why.
 """
@@ -81,6 +86,10 @@ class Bus:
         self._limits = RateLimiter(cfg.rate, cfg.burst, 100_000) if cfg.rate > 0 else None
         self._dedup = DedupWindow(cfg.dedup_window, cfg.dedup_keys)
         self._encrypted: SubjectTrie[bool] = SubjectTrie()
+        #: Agents with `encrypt: true`: whatever they publish is sealed.
+        self._sealed_senders: set[str] = set()
+        #: Filters of subscriptions that need every matching publish to be durable.
+        self._durable: SubjectTrie[bool] = SubjectTrie()
         for f in cfg.encrypted:
             validate_filter(f)
             self._encrypted.add(f, True)
@@ -95,6 +104,18 @@ class Bus:
             raise BusError(f"subjects {filter!r} are marked encrypt, but the bus has no keyring",
                            hint="pass keyring=Keyring(path)")
         self._encrypted.add(filter, True)
+
+    def encrypt_sender(self, sender: str) -> None:
+        """From now on, encrypt every payload ``sender`` publishes, whatever the subject."""
+        if self.keyring is None:
+            raise BusError(f"agent {sender!r} is marked encrypt, but the bus has no keyring",
+                           hint="pass keyring=Keyring(path)")
+        self._sealed_senders.add(sender)
+
+    def require_durable(self, filter: str) -> None:
+        """From now on, store every publish matching ``filter`` durably (an acking subscriber)."""
+        validate_filter(filter)
+        self._durable.add(filter, True)
 
     # ------------------------------------------------------------------ publish
 
@@ -112,7 +133,7 @@ class Bus:
         env = Envelope.new(subject, sender, payload, kind=kind, guarantee=guarantee, ttl=ttl,
                            idempotency_key=idempotency_key, reply_to=reply_to,
                            correlation_id=correlation_id, headers=headers or {})
-        if self._encrypted.match(subject):
+        if self._encrypted.match(subject) or sender in self._sealed_senders:
             sealed = self.keyring.encrypt(_PAYLOAD.encode(payload), _aad(env))
             env = msgspec.structs.replace(env, payload=sealed.to_bytes(), encrypted=True)
         if sign:
@@ -130,25 +151,33 @@ class Bus:
             self.rejected["rate_limited"] += 1
             raise MessageRejected(f"{sender!r} is over its rate limit of {self.config.rate:g}/s",
                                   reason="rate_limited", hint="slow down or raise the limit")
-        await self.backend.publish(subject, data, durable=guarantee != "at-most-once")
+        durable = guarantee != "at-most-once" or bool(self._durable.match(subject))
+        await self.backend.publish(subject, data, durable=durable)
         return env
 
     # ------------------------------------------------------------------ consume
 
     async def consume(self, name: str, filter: str, handler: Handler, *,
                       ack_wait: float = 30.0, batch: int = 64,
-                      require_signature: bool = False) -> None:
-        """Deliver matching messages to ``handler`` until cancelled (run it in a TaskGroup)."""
+                      require_signature: bool = False,
+                      guarantee: Guarantee | None = None) -> None:
+        """Deliver matching messages to ``handler`` until cancelled (run it in a TaskGroup).
+
+        ``guarantee``, when set, overrides each message's own for this subscription.
+        """
         validate_filter(filter)
+        if guarantee is not None and guarantee != "at-most-once":
+            self.require_durable(filter)
         sub = await self.backend.subscribe(name, filter, ack_wait=ack_wait)
         try:
             while True:
                 for inc in await sub.fetch(batch, timeout=1.0):
-                    await self._one(name, inc, handler, require_signature)
+                    await self._one(name, inc, handler, require_signature, guarantee)
         finally:
             await sub.close()
 
-    async def _one(self, name: str, inc: Incoming, handler: Handler, require_sig: bool) -> None:
+    async def _one(self, name: str, inc: Incoming, handler: Handler, require_sig: bool,
+                   chosen: Guarantee | None = None) -> None:
         try:
             env = decode(inc.data)
         except msgspec.DecodeError:
@@ -159,7 +188,8 @@ class Bus:
             await self._dead(name, inc, env, "ttl expired")
             return
         limit = self.config.policy.max_deliver
-        if env.guarantee != "at-most-once" and inc.delivered > limit:
+        guarantee = chosen or env.guarantee
+        if guarantee != "at-most-once" and inc.delivered > limit:
             # Its consumers kept dying (or timing out) before they could nack it.
             await self._dead(name, inc, env, f"delivered {inc.delivered - 1} times "
                                              f"(maxDeliver={limit}) without an ack")
@@ -170,13 +200,13 @@ class Bus:
             self.rejected[exc.reason] += 1
             await self._dead(name, inc, env, f"rejected: {exc.message}")
             return
-        key = f"{name}\0{env.idempotency_key}" if env.idempotency_key else None
-        once = env.guarantee == "effectively-once" and key is not None
-        if once and self._dedup.contains(key, now):  # type: ignore[arg-type]
+        once = guarantee == "effectively-once"
+        key = f"{name}\0{env.idempotency_key or env.id}" if once else ""
+        if once and self._dedup.contains(key, now):
             self.rejected["duplicate"] += 1
             await inc.ack()
             return
-        if env.guarantee == "at-most-once":
+        if guarantee == "at-most-once":
             await inc.ack()
             await self._run(name, handler, env)
             return
@@ -195,7 +225,7 @@ class Bus:
             return
         if once:
             # Recorded only once handled: a failed attempt must still be retried.
-            self._dedup.seen(key, time.time())  # type: ignore[arg-type]
+            self._dedup.seen(key, time.time())
         self.delivered[name] += 1
         await inc.ack()
 

@@ -383,7 +383,7 @@ def broadcast(
     _show(output, sent, show)
 
 
-keys_app = typer.Typer(help="The bus's encryption keys.", no_args_is_help=True)
+keys_app = typer.Typer(help="The bus's encryption and signing keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
 
@@ -393,6 +393,32 @@ def keys_rotate(home: HomeOpt = None, output: OutputOpt = Output.table) -> None:
     """Encrypt from now on with a new key; older keys still decrypt messages in flight."""
     res = _client(home).call("keys.rotate")
     _show(output, res, lambda: out.print(f"new key {res['key_id']}", markup=False,
+                                         highlight=False))
+
+
+@keys_app.command("export")
+@_command
+def keys_export(home: HomeOpt = None) -> None:
+    """Print this node's agents' public signing keys as JSON, for other nodes to trust."""
+    out.print(json.dumps(_client(home).call("keys.export"), indent=2, sort_keys=True),
+              markup=False, highlight=False, soft_wrap=True)
+
+
+@keys_app.command("trust")
+@_command
+def keys_trust(
+    file: Annotated[Path, typer.Argument(help="JSON from `corral keys export` on another node.")],
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Accept another node's agents' public keys: their signed messages verify here."""
+    try:
+        keys = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise SpecError(f"can't read keys from {file}: {exc}", file=str(file),
+                        expected="the JSON printed by `corral keys export`") from None
+    res = _client(home).call("keys.trust", keys=keys)
+    _show(output, res, lambda: out.print(f"trusted {res['trusted']} key(s)", markup=False,
                                          highlight=False))
 
 

@@ -198,7 +198,8 @@ class AgentController:
             if work.future is not None and not work.future.done():
                 work.future.set_result(msg.payload)
             if work.task_id is not None:
-                self.rt.store.finish_task(work.task_id, "done", result=msg.payload)
+                self.rt.store.finish_task(work.task_id, "done", result=self.rt.at_rest(
+                    self, work.task_id, "result", msg.payload))
             return
         self.tasks_failed += 1
         err = msg.error

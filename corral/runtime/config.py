@@ -44,6 +44,10 @@ class RuntimeConfig:
     bus_url: str | None = None
     #: Namespaces this runtime's subjects and subscriptions on a shared server.
     bus_prefix: str = "corral"
+    #: Sign every message with its sender's Ed25519 key and refuse unsigned or forged ones
+    #: on receipt. None: on for a networked backend (nats, redis), whose server other nodes
+    #: and clients share (a trust boundary), off for local (senders are known by channel).
+    bus_sign: bool | None = None
     #: Limits and security of the bus: message size, per-sender rate, encrypted subjects.
     bus_config: BusConfig = field(default_factory=BusConfig)
 

@@ -112,6 +112,10 @@ class _Nothing(msgspec.Struct):
     pass
 
 
+class _Trust(msgspec.Struct):
+    keys: Any
+
+
 class _Task(msgspec.Struct):
     id: str
 
@@ -433,6 +437,12 @@ class ControlServer:
     async def _keys_rotate(self, a: _Nothing, conn: _Conn, rid: Any) -> Any:
         return {"key_id": self.rt.rotate_bus_key()}
 
+    async def _keys_export(self, a: _Nothing, conn: _Conn, rid: Any) -> Any:
+        return self.rt.export_keys()
+
+    async def _keys_trust(self, a: _Trust, conn: _Conn, rid: Any) -> Any:
+        return {"trusted": self.rt.trust_keys(a.keys)}
+
     async def _task(self, a: _Task, conn: _Conn, rid: Any) -> Any:
         rec = await self.rt.task(a.id)
         if rec is None:
@@ -534,6 +544,8 @@ _OPS: dict[str, tuple[type[msgspec.Struct], Handler]] = {
     "publish": (_Publish, ControlServer._publish),
     "broadcast": (_Broadcast, ControlServer._broadcast),
     "keys.rotate": (_Nothing, ControlServer._keys_rotate),
+    "keys.export": (_Nothing, ControlServer._keys_export),
+    "keys.trust": (_Trust, ControlServer._keys_trust),
     "task": (_Task, ControlServer._task),
     "scale": (_Scale, ControlServer._scale),
     "stop": (_Name, ControlServer._stop),

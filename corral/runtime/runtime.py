@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import dataclasses
 import gc
 import importlib.machinery
 import itertools
@@ -47,6 +48,7 @@ from corral.runtime.dlq import DeadLetters
 from corral.runtime.instance import IDLE_LINGER, Instance
 from corral.runtime.projection import Projection
 from corral.runtime.scheduler import Scheduler
+from corral.runtime.sealing import Part, PayloadSealer
 from corral.runtime.supervision import SupervisionGroup
 from corral.runtime.work import Work
 from corral.sandbox.base import Channel
@@ -112,6 +114,7 @@ class Runtime:
         rate = cfg.bus_config
         self._agent_limits = RateLimiter(rate.rate, rate.burst, 100_000) if rate.rate > 0 else None
         self.dlq: DeadLetters | None = None
+        self.sealer: PayloadSealer | None = None
         #: agent -> subject -> its competing fetchers
         self._consumers: dict[str, dict[str, list[asyncio.Task[None]]]] = {}
 
@@ -194,6 +197,7 @@ class Runtime:
 
         keyring = Keyring(cfg.keys_dir / "bus-keyring.json")
 
+        self.sealer = PayloadSealer(keyring)
         self.dlq = DeadLetters(self.store)
         self.bus = Bus(backend, cfg.bus_config, dead_letters=self.dlq, keyring=keyring,
                        signer=AgentKeys(cfg.keys_dir / "agents"))
@@ -225,7 +229,13 @@ class Runtime:
             if ctl is None:
                 self.store.finish_task(t.id, "failed", error="agent no longer exists")
                 continue
-            work = Work(next(self._ids), t.handler, t.payload, t.sender, t.kind,
+            try:
+                payload = self.at_rest_open(ctl, t.id, "payload", t.payload)
+            except CorralError as exc:
+                self.log(t.agent, "", "error", f"queued task {t.id} dropped: {exc}")
+                self.store.finish_task(t.id, "failed", error=str(exc))
+                continue
+            work = Work(next(self._ids), t.handler, payload, t.sender, t.kind,
                         Priority(t.priority), ctl.spec.resources.task_timeout, task_id=t.id,
                         attempts=t.attempts + (1 if t.status == "running" else 0))
             try:
@@ -350,6 +360,8 @@ class Runtime:
         return ctl
 
     async def _start_controller(self, ctl: AgentController) -> None:
+        if ctl.spec.encrypt and self.bus is not None:
+            self.bus.encrypt_sender(ctl.name)
         ctl.reconcile()
         await self._open_subscriptions(ctl)
         self._subscribe(ctl)
@@ -422,8 +434,9 @@ class Runtime:
             raise Backpressure(f"mailbox of {name!r} is full ({ctl.mailbox.maxsize} tasks)")
         prio = chosen if chosen is not None else ctl.priority
         task_id = uuid.uuid4().hex
-        self.store.put_task(TaskRecord(task_id, name, handler, payload, int(prio), "send", sender,
-                                       "queued", time.time()))
+        self.store.put_task(TaskRecord(task_id, name, handler,
+                                       self.at_rest(ctl, task_id, "payload", payload),
+                                       int(prio), "send", sender, "queued", time.time()))
         await self.store.commit()
         work = Work(next(self._ids), handler, payload, sender, "send", prio,
                     ctl.spec.resources.task_timeout, task_id=task_id)
@@ -444,8 +457,66 @@ class Runtime:
         self._check_open()
         assert self.bus is not None
         env = await self.bus.publish(sender, subject, payload, guarantee=guarantee, ttl=ttl,
-                                     idempotency_key=idempotency_key, headers=headers)
+                                     idempotency_key=idempotency_key, headers=headers,
+                                     sign=self.signing)
         return env.id
+
+    @property
+    def signing(self) -> bool:
+        """Whether bus messages are signed by their senders and verified on receipt."""
+        sign = self.config.bus_sign
+        return self.config.bus != "local" if sign is None else sign
+
+    def export_keys(self) -> dict[str, dict[str, str]]:
+        """Public signing keys of the agents applied here, for other nodes to trust.
+
+        Only applied agents: "client" (this node's CLI and API callers) is a sender on every
+        node, and one node's clients are not another's.
+        """
+        assert self.bus is not None and self.bus.signer is not None
+        keys: dict[str, dict[str, str]] = self.bus.signer.export_public()
+        return {agent: pubs for agent, pubs in keys.items() if agent in self.agents}
+
+    def trust_keys(self, keys: dict[str, dict[str, str]]) -> int:
+        """Accept another node's agents' public keys (``export_keys`` output); returns how many."""
+        assert self.bus is not None and self.bus.signer is not None
+        if not isinstance(keys, dict):
+            raise SpecError("keys must be a mapping agent -> {key_id: public_key_hex}",
+                            path="keys", got=type(keys).__name__, expected="`corral keys export` output")
+        from corral.bus.crypto import key_id_of
+
+        local = self.bus.signer.export_public()
+        problems: list[SpecError] = []
+        checked: list[tuple[str, str, str]] = []
+        for agent, pubs in keys.items():
+            for kid, pub in (pubs.items() if isinstance(pubs, dict) else [("?", pubs)]):
+                why = ""
+                try:
+                    raw = bytes.fromhex(pub)
+                except (TypeError, ValueError):
+                    why = "not hex"
+                else:
+                    if len(raw) != 32:
+                        why = f"{len(raw)} bytes, not 32"
+                    elif key_id_of(raw) != kid:
+                        why = f"its key id is {key_id_of(raw)}, not {kid}"
+                    elif agent in local:
+                        why = "that agent runs on this node; a remote key could forge it"
+                if why:
+                    problems.append(SpecError(f"key {kid} of {agent!r}: {why}",
+                                              path=f"{agent}.{kid}", got=pub,
+                                              expected="a 64-hex-digit Ed25519 public key "
+                                                       "under its key id"))
+                else:
+                    checked.append((agent, kid, pub))
+        if problems:  # all or nothing: a bad entry trusts none of the file
+            raise SpecError("invalid keys; none were trusted", problems=problems,
+                            hint="use the JSON `corral keys export` printed on the other node; "
+                                 "no key was trusted")
+        for agent, kid, pub in checked:
+            self.bus.signer.trust(agent, kid, pub)
+        self.store.append_event("", "bus.keys_trusted", {"agents": sorted(keys)})
+        return len(checked)
 
     async def route_publish(self, inst: Instance, msg: Any) -> None:
         """An agent's publish: the sender is the agent the channel belongs to."""
@@ -513,8 +584,10 @@ class Runtime:
 
     async def _open_subscription(self, ctl: AgentController, s: SubscriptionSpec) -> None:
         assert self.bus is not None
-        if s.encrypt:
+        if s.encrypt or ctl.spec.encrypt:
             self.bus.encrypt(s.subject)
+        if s.guarantee not in (None, "at-most-once"):
+            self.bus.require_durable(s.subject)
         sub = await self.bus.backend.subscribe(_subscription_name(ctl.name, s.subject),
                                                s.subject, ack_wait=s.ack_wait)
         await sub.close()
@@ -570,7 +643,7 @@ class Runtime:
         """An agent subscribes itself at run time."""
         try:
             spec = SubscriptionSpec(subject=msg.subject, handler=msg.handler,
-                                    ack_wait=msg.ack_wait)
+                                    ack_wait=msg.ack_wait, guarantee=msg.guarantee or None)
             await self.add_subscription(inst.agent.name, spec)
         except (ValueError, CorralError) as exc:
             self.log(inst.agent.name, inst.name, "error", f"subscribe to {msg.subject!r} failed: {exc}")
@@ -593,7 +666,8 @@ class Runtime:
 
         try:
             await self.bus.consume(_subscription_name(agent, s.subject), s.subject, deliver,
-                                   ack_wait=s.ack_wait)
+                                   ack_wait=s.ack_wait, guarantee=s.guarantee,
+                                   require_signature=self.signing)
         except CorralError as exc:
             self.log(agent, "", "error", f"subscription {s.subject!r} stopped: {exc}")
 
@@ -628,8 +702,25 @@ class Runtime:
             self.log(inst.agent.name, inst.name, "error", f"send to {msg.to!r} failed: {exc}")
 
     async def task(self, task_id: str) -> TaskRecord | None:
-        """A durable task's record (status, result)."""
-        return await self.store.task(task_id)
+        """A durable task's record (status, result), opened if its agent encrypts at rest."""
+        rec = await self.store.task(task_id)
+        if rec is None or self.sealer is None:
+            return rec
+        return dataclasses.replace(
+            rec, payload=self.sealer.open(rec.agent, rec.id, "payload", rec.payload),
+            result=self.sealer.open(rec.agent, rec.id, "result", rec.result))
+
+    def at_rest(self, ctl: AgentController, task_id: str, part: Part, value: Any) -> Any:
+        """What the store keeps of a task's payload or result: sealed if the agent encrypts."""
+        if not ctl.spec.encrypt or value is None:
+            return value
+        assert self.sealer is not None
+        return self.sealer.seal(ctl.name, task_id, part, value)
+
+    def at_rest_open(self, ctl: AgentController, task_id: str, part: Part, value: Any) -> Any:
+        """The plaintext of a stored payload or result (as it is, if it was not sealed)."""
+        assert self.sealer is not None
+        return self.sealer.open(ctl.name, task_id, part, value)
 
     # ================================================================ control
 

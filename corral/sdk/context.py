@@ -30,7 +30,7 @@ class Outbound(Protocol):
                   selector: str) -> None:
         """Queue one message for many agents (all, a namespace, or a label selector)."""
 
-    def subscribe(self, subject: str, handler: str, ack_wait: float) -> None:
+    def subscribe(self, subject: str, handler: str, ack_wait: float, guarantee: str = "") -> None:
         """Start consuming a topic (durably)."""
 
     def unsubscribe(self, subject: str) -> None:
@@ -61,12 +61,14 @@ class Context:
         """Ask the agent named ``to`` and return its answer; raises TaskFailed/TaskTimeout."""
         return await self._out.request(to, payload, handler, timeout)
 
-    def subscribe(self, subject: str, *, handler: str = "", ack_wait: float = 30.0) -> None:
+    def subscribe(self, subject: str, *, handler: str = "", ack_wait: float = 30.0,
+                  guarantee: Guarantee | None = None) -> None:
         """Consume messages on ``subject`` (``*``/``>`` wildcards) with ``handler``, from now on.
 
         Durable, like a manifest subscription: it survives restarts until ``unsubscribe``.
         It takes effect asynchronously: messages published before the runtime has opened it
-        are not delivered to it.
+        are not delivered to it. ``guarantee`` overrides each message's own for this
+        subscription (see docs/messaging.md).
         """
         from corral.core.subjects import validate_filter
 
@@ -76,7 +78,9 @@ class Context:
             raise ValueError(f"can't subscribe to {subject!r}: {exc}") from exc
         if not ack_wait > 0:
             raise ValueError(f"ack_wait must be positive, got {ack_wait!r}")
-        self._out.subscribe(subject, handler, float(ack_wait))
+        if guarantee not in (None, *_GUARANTEES):
+            raise ValueError(f"guarantee must be one of {', '.join(sorted(_GUARANTEES))}, got {guarantee!r}")
+        self._out.subscribe(subject, handler, float(ack_wait), guarantee or "")
 
     def unsubscribe(self, subject: str) -> None:
         """Stop consuming ``subject`` (a subscription made with ``subscribe``)."""

@@ -221,6 +221,10 @@ class SubscriptionSpec(_Model):
     #: Encrypt every message published on matching subjects (AES-256-GCM, on the wire and
     #: at rest in the backend), whoever publishes it.
     encrypt: bool = False
+    #: The delivery guarantee for this subscription, overriding each message's own
+    #: (unset: the message's). At-least-once and effectively-once make every publish on
+    #: matching subjects durable, so nothing is lost before this subscriber acks it.
+    guarantee: Literal["at-most-once", "at-least-once", "effectively-once"] | None = None
 
 
 class ToolSpec(_Model):
@@ -261,6 +265,9 @@ class AgentSpec(_Model):
     restart: Restart = Field(default_factory=Restart)
     health: Health = Field(default_factory=Health)
     subscriptions: list[Annotated[SubscriptionSpec, BeforeValidator(_subscription)]] = []
+    #: AES-256-GCM for everything to and from this agent: its durable direct messages and
+    #: their results at rest, its subscriptions' topics, and whatever it publishes.
+    encrypt: bool = False
     tools: list[ToolSpec] = []
     config: dict[str, Any] = {}
 

@@ -181,6 +181,8 @@ class Subscribe(msgspec.Struct, frozen=True, tag="subscribe"):
     subject: str
     handler: str = ""
     ack_wait: float = 30.0
+    #: Overrides each message's guarantee for this subscription ("" = the message's).
+    guarantee: str = ""
 
 
 class Unsubscribe(msgspec.Struct, frozen=True, tag="unsubscribe"):

@@ -130,9 +130,9 @@ class WorkerCore:
         """Outbound: one-way message on a subject."""
         self._emit(Publish(subject, payload, guarantee, ttl, idempotency_key, headers))
 
-    def subscribe(self, subject: str, handler: str, ack_wait: float) -> None:
+    def subscribe(self, subject: str, handler: str, ack_wait: float, guarantee: str = "") -> None:
         """Outbound: subscribe at run time."""
-        self._emit(Subscribe(subject, handler, ack_wait))
+        self._emit(Subscribe(subject, handler, ack_wait, guarantee))
 
     def unsubscribe(self, subject: str) -> None:
         """Outbound: unsubscribe."""

@@ -229,3 +229,75 @@ async def test_effectively_once_still_retries_a_failed_attempt(make) -> None:
     await asyncio.sleep(0.5)
     await stop(task)
     assert len(attempts) == 2 and bus.delivered["w"] == 1 and bus.rejected["duplicate"] == 1
+
+
+async def test_subscription_guarantee_overrides_the_message(make) -> None:
+    """An at-least-once subscription retries an at-most-once message; an at-most-once one
+    never retries an at-least-once message."""
+    bus = Bus(await make(), BusConfig(policy=FAST), dead_letters=Letters())
+    sure: list[Any] = []
+    loose: list[Any] = []
+
+    async def fails_once(env: Envelope) -> None:
+        sure.append(env.payload)
+        if len(sure) == 1:
+            raise RuntimeError("transient")
+
+    async def always_fails(env: Envelope) -> None:
+        loose.append(env.payload)
+        raise RuntimeError("lost")
+
+    t1 = await run_consumer(bus, "sure", "ev.a", fails_once, guarantee="at-least-once")
+    t2 = await run_consumer(bus, "loose", "ev.b", always_fails, guarantee="at-most-once")
+    await bus.publish("client", "ev.a", "x")  # at-most-once by the message
+    await bus.publish("client", "ev.b", "y", guarantee="at-least-once")
+    await until(lambda: len(sure) == 2 and len(loose) == 1)
+    await asyncio.sleep(0.4)
+    await stop(t1)
+    await stop(t2)
+    assert sure == ["x", "x"] and loose == ["y"]
+    assert bus.delivered["sure"] == 1
+
+
+async def test_effectively_once_subscription_dedups_by_message_id(make) -> None:
+    """Without an idempotency key, the message id is the key: a re-published copy of the
+    same envelope (a redelivery by another path) is dropped."""
+    backend = await make()
+    bus = Bus(backend, dead_letters=Letters())
+    seen: list[Any] = []
+
+    async def handler(env: Envelope) -> None:
+        seen.append(env.payload)
+
+    task = await run_consumer(bus, "w", "pay", handler, guarantee="effectively-once")
+    env = await bus.publish("client", "pay", "charge")
+    await until(lambda: seen == ["charge"])
+    await backend.publish("pay", encode(env))  # the very same message again
+    await bus.publish("client", "pay", "charge")  # a new message with equal payload
+    await until(lambda: len(seen) == 2)
+    await asyncio.sleep(0.3)
+    await stop(task)
+    assert seen == ["charge", "charge"] and bus.rejected["duplicate"] == 1
+
+
+async def test_acking_subscription_makes_publishes_durable(make) -> None:
+    """A publish that asked for at-most-once still survives a restart of the backend when
+    an at-least-once subscription of this bus matches it."""
+    backend = await make()
+    bus = Bus(backend, dead_letters=Letters())
+    sub = await backend.subscribe("w", "orders.*")
+    await sub.close()
+    bus.require_durable("orders.*")
+    await bus.publish("client", "orders.new", "keep me")
+    await bus.publish("client", "other", "may go")
+    await backend.aclose()  # the process goes away; only durable messages remain
+
+    bus2 = Bus(await make(), dead_letters=Letters())
+    got: list[Any] = []
+
+    async def handler(env: Envelope) -> None:
+        got.append(env.payload)
+
+    task = await run_consumer(bus2, "w", "orders.*", handler, guarantee="at-least-once")
+    await until(lambda: got == ["keep me"])
+    await stop(task)

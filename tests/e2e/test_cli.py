@@ -257,6 +257,25 @@ def test_publish_reaches_subscribed_agents(up: Up) -> None:
         assert corral(up, "delete", name).returncode == 0
 
 
+def test_keys_export_and_trust(up: Up, tmp_path: Path) -> None:
+    exported = json.loads(ok(up, "keys", "export"))
+    assert isinstance(exported, dict)
+    good = {"agent-on-b": {"5ae7b2a9ba9b0a42": "00" * 32}}  # a key id that does not match
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps(good))
+    bad = corral(up, "keys", "trust", str(path))
+    assert bad.returncode == 1 and "no key was trusted" in bad.stderr and "its key id is" in bad.stderr
+    path.write_text("{not json")
+    bad = corral(up, "keys", "trust", str(path))
+    assert bad.returncode == 1 and "can't read keys" in bad.stderr and "Traceback" not in bad.stderr
+    from corral.bus.crypto import AgentKeys
+
+    remote = AgentKeys(tmp_path / "remote")
+    remote.key_for("agent-on-b")
+    path.write_text(json.dumps(remote.export_public()))
+    assert "trusted 1 key(s)" in ok(up, "keys", "trust", str(path))
+
+
 def test_delete(up: Up) -> None:
     assert "agent/hello deleted" in ok(up, "delete", "hello")
     assert json.loads(ok(up, "get", "agents", "-o", "json")) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from corral.errors import AgentUnavailable
@@ -83,6 +84,18 @@ async def test_queued_messages_survive_a_runtime_restart(tmp_path: Path) -> None
         await rt.wait_ready(["listener"], timeout=20)
         got = await wait_items(rt, 3)
         assert [g["content"] for g in got] == [0, 1, 2]
+
+
+async def test_a_subscription_chooses_its_own_guarantee(rt: Runtime) -> None:
+    # The publisher asks for at-most-once; the subscriber's manifest asks for at-least-once,
+    # so the message that killed its first consumer is redelivered, not lost.
+    subs = [{**SUBS[0], "guarantee": "at-least-once"}]
+    await rt.apply([manifest("listener", "Listener", subscriptions=subs, restart=FAST)],
+                   wait=True, timeout=20)
+    for i in ("a", "crash", "b"):
+        await rt.publish("news.eu", i)
+    got = await wait_items(rt, 3, timeout=30)
+    assert sorted(g["content"] for g in got) == ["a", "b", "crash"]
 
 
 @pytest.mark.parametrize("guarantee", ["at-most-once", "effectively-once"])
@@ -212,3 +225,122 @@ async def test_subscriptions_made_at_run_time_last_until_unsubscribed(tmp_path: 
         await rt.publish("alerts.fire", "three", guarantee="at-least-once")
         await asyncio.sleep(0.5)
         assert [g["content"] for g in await items(rt)] == ["one", "two"]
+
+
+def _files_hold(home: Path, prefix: str, needle: bytes) -> bool:
+    return any(needle in f.read_bytes() for f in home.iterdir() if f.name.startswith(prefix))
+
+
+async def _queue_behind_a_nap(home: Path, payload: str) -> str:
+    """Send ``payload`` to an encrypted agent busy with a long nap; the runtime stops with
+    the send still queued in the store."""
+    async with Runtime(home=home, shutdown_grace=0.5) as rt:
+        await rt.apply([manifest("vault", encrypt=True, concurrency=1)], wait=True, timeout=20)
+        napping = asyncio.ensure_future(rt.request("vault", 60, handler="nap"))
+        await asyncio.sleep(0.2)
+        task_id = await rt.send("vault", payload, handler="echo")
+        await rt.store.commit()
+        napping.cancel()
+    return task_id
+
+
+async def test_encrypted_agent_keeps_its_direct_messages_sealed_at_rest(tmp_path: Path) -> None:
+    secret, home = "launch code 0000-SEALED-SEND", tmp_path / "home"
+    task_id = await _queue_behind_a_nap(home, secret)
+    assert not _files_hold(home, "corral.db", secret.encode())  # queued: sealed
+    async with Runtime(home=home, shutdown_grace=2.0) as rt:
+        async with asyncio.timeout(20):
+            while (rec := await rt.task(task_id)) is None or rec.status != "done":
+                await asyncio.sleep(0.05)
+        assert rec.payload == secret and rec.result["echo"] == secret  # opened for its owner
+        await rt.store.commit()
+        assert not _files_hold(home, "corral.db", secret.encode())  # done: result sealed too
+
+
+async def test_a_tampered_sealed_message_is_refused_not_run(tmp_path: Path) -> None:
+    import sqlite3
+
+    home = tmp_path / "home"
+    task_id = await _queue_behind_a_nap(home, "pay 10 to alice")
+    db = sqlite3.connect(home / "corral.db")
+    (blob,) = db.execute("SELECT payload FROM tasks WHERE id = ?", (task_id,)).fetchone()
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])  # flip one bit of the GCM tag
+    db.execute("UPDATE tasks SET payload = ? WHERE id = ?", (tampered, task_id))
+    db.commit()
+    db.close()
+    async with Runtime(home=home, shutdown_grace=2.0) as rt:
+        rec = await rt.store.task(task_id)
+        assert rec is not None and rec.status == "failed" and "does not decrypt" in (rec.error or "")
+        assert any("dropped" in line.message for line in await rt.logs("vault"))
+
+
+async def test_an_encrypted_agent_publishes_ciphertext(tmp_path: Path) -> None:
+    secret = "quarterly numbers 42-UNRELEASED"
+    async with Runtime(home=tmp_path / "home", shutdown_grace=2.0) as rt:
+        await rt.apply([manifest("caller", "Listener", encrypt=True),
+                        manifest("listener", "Listener", subscriptions=SUBS)],
+                       wait=True, timeout=20)
+        raw = await rt.bus.backend.subscribe("raw-tap", "news.>")  # type: ignore[union-attr]
+        assert await rt.request("caller", secret, handler="shout") == "published"
+        (wire,) = await raw.fetch(1, timeout=5)
+        assert secret.encode() not in wire.data
+        got = await wait_items(rt, 1)
+        assert got[0]["content"] == secret and got[0]["sender"] == "caller"
+
+
+async def test_two_nodes_on_nats_sign_and_verify_per_agent(tmp_path: Path) -> None:
+    """Two runtimes share a NATS server: a trust boundary. Messages are signed with the
+    sending agent's key; the other node delivers them only once it trusts that key, and
+    refuses unsigned and forged ones, each counted and dead-lettered with the reason."""
+    import uuid
+
+    from corral.bus.crypto import AgentKeys
+    from corral.bus.envelope import Envelope, encode
+    from tests.bus.conftest import PORTS, _up
+    from tests.conftest import REQUIRE_SERVICES
+
+    if not _up(PORTS["nats"]):
+        if REQUIRE_SERVICES:
+            pytest.fail("nats is required (CORRAL_REQUIRE_SERVICES=1) but not running")
+        pytest.skip("nats is not running on 127.0.0.1:4222")
+    prefix = f"rt{uuid.uuid4().hex[:8]}"
+    async with Runtime(home=tmp_path / "a", bus="nats", bus_prefix=prefix) as a, \
+            Runtime(home=tmp_path / "b", bus="nats", bus_prefix=prefix) as b:
+        assert a.signing and b.signing
+        await b.apply([manifest("listener", "Listener", subscriptions=SUBS)], wait=True,
+                      timeout=20)
+        await a.apply([manifest("caller", "Listener")], wait=True, timeout=20)
+        assert b.dlq is not None and b.bus is not None
+
+        async def letters(n: int) -> list[dict]:
+            async with asyncio.timeout(20):
+                while len(got := await b.dlq.ls()) < n:  # type: ignore[union-attr]
+                    await asyncio.sleep(0.05)
+            return got
+
+        await a.request("caller", "before trust", handler="shout")
+        assert "no signing keys are known for agent 'caller'" in (await letters(1))[0]["reason"]
+        assert b.trust_keys(a.export_keys()) == 1
+        await a.request("caller", "after trust", handler="shout")
+        got = await wait_items(b, 1)
+        assert [(g["content"], g["sender"]) for g in got] == [("after trust", "caller")]
+
+        unsigned = Envelope.new("news.x", "caller", "unsigned", guarantee="at-least-once")
+        await b.bus.backend.publish("news.x", encode(unsigned))
+        mallory = AgentKeys(tmp_path / "mallory")
+        forged = Envelope.new("news.x", "caller", "forged", guarantee="at-least-once")
+        kid, sig = mallory.sign("caller", _canonical(forged))
+        await b.bus.backend.publish("news.x", encode(msgspec.structs.replace(
+            forged, signer_key_id=kid, signature=sig)))
+        reasons = sorted(x["reason"] for x in await letters(3))
+        assert "is not one of agent 'caller''s keys" in reasons[0]  # forged by mallory
+        assert reasons[2] == "rejected: unsigned message from 'caller'"
+        assert b.stats()["bus"]["rejected"] == {"unknown_key": 2, "unsigned": 1}
+        assert [g["content"] for g in await items(b)] == ["after trust"]
+        await b.bus.backend.purge()  # type: ignore[union-attr]
+
+
+def _canonical(env: object) -> bytes:
+    from corral.bus.crypto import canonical
+
+    return canonical(env.signed_fields())  # type: ignore[attr-defined]

@@ -30,6 +30,7 @@ from corral.wire.messages import (
     Schedule,
     Send,
     Shutdown,
+    Subscribe,
     ToRuntime,
 )
 from corral.worker.core import EXIT_INIT_FAILED, EXIT_MEMORY, EXIT_OK, WorkerCore
@@ -366,6 +367,12 @@ class Publisher(Worker):
                          headers={"trace": "t1"})
 
     @handler
+    async def join(self, msg: Message) -> None:
+        self.ctx.subscribe("orders.>", handler="where", ack_wait=5, guarantee="at-least-once")
+        self.ctx.subscribe("audit.*")
+        self.ctx.subscribe("x.y", guarantee=msg.content)  # a bad one fails the handler
+
+    @handler
     async def where(self, msg: Message) -> dict[str, Any]:
         return {"subject": msg.subject, "kind": msg.kind, "content": msg.content}
 
@@ -380,6 +387,16 @@ async def test_publish_from_a_handler_is_emitted_with_its_fields() -> None:
             Publish("orders.eu.paid", {"id": 1}, "effectively-once", 90.0, "order-1",
                     {"trace": "t1"}),
         ]
+
+
+async def test_subscribe_carries_its_guarantee_and_refuses_unknown_ones() -> None:
+    async with worker(Publisher) as w:
+        await w.ready()
+        w.core.handle(Deliver(1, "join", "maybe-once"))
+        res = await w.result(1)
+        assert not res.ok and res.error is not None and "guarantee must be one of" in res.error.message
+        assert w.of(Subscribe) == [Subscribe("orders.>", "where", 5.0, "at-least-once"),
+                                   Subscribe("audit.*", "", 30.0, "")]
 
 
 async def test_the_message_subject_comes_from_the_deliver() -> None:
