@@ -105,6 +105,7 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 _SYNCHRONOUS: Final = frozenset({"OFF", "NORMAL", "FULL", "EXTRA"})
 _BUSY_TIMEOUT_MS: Final = 5000
+_CHECKPOINT_EVERY: Final = 0.25  # seconds between WAL checkpoints, off the writer thread
 _INSERT: Final = ("INSERT INTO bus_messages (prefix, sub, seq, subject, data, headers, delivered,"
                   " visible_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 _SET_DELIVERED: Final = "UPDATE bus_messages SET delivered = ? WHERE prefix = ? AND sub = ? AND seq = ?"
@@ -762,10 +763,17 @@ class LocalBackend:
                 self._post(loop, _settle, ready, None, err)
                 return
             self._post(loop, _settle, ready, (subs, max_seq), None)
+            stop_checkpoints = threading.Event()
+            checkpointer = threading.Thread(target=self._checkpoint_main, args=(stop_checkpoints,),
+                                            name="corral-bus-checkpoint", daemon=True)
+            checkpointer.start()
             try:
                 self._write_loop(loop, conn)
             except BaseException as exc:  # a bug in this module: fail loudly rather than hang
                 self._record_failure(f"the local bus writer crashed: {exc!r}")
+            finally:
+                stop_checkpoints.set()
+                checkpointer.join(timeout=self._close_timeout)
         finally:
             with self._lock:
                 self._accepting = False
@@ -785,6 +793,24 @@ class LocalBackend:
             if self._exited is not None:
                 self._post(loop, _settle, self._exited, None, None)
 
+    def _checkpoint_main(self, stop: threading.Event) -> None:
+        # WAL checkpoints copy pages into the database file and fsync it: milliseconds. Run
+        # inside a commit (SQLite's autocheckpoint) they land on one unlucky publisher's
+        # latency; here, on a connection of their own, PASSIVE ones never block the writer.
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                   timeout=_BUSY_TIMEOUT_MS / 1000)
+        except sqlite3.Error:
+            return  # the writer reports a broken database; autocheckpoint is off, WAL grows
+        try:
+            while not stop.wait(_CHECKPOINT_EVERY):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                except sqlite3.Error:
+                    pass  # busy or transient: the next round retries
+        finally:
+            conn.close()
+
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))  # private from the start
@@ -796,6 +822,7 @@ class LocalBackend:
                 raise BusError(f"can't put {self.path} in WAL mode (got {mode!r})")
             conn.execute(f"PRAGMA synchronous={self._synchronous}")  # validated in __init__
             conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # see _checkpoint_main
             conn.execute("CREATE TABLE IF NOT EXISTS bus_meta (key TEXT PRIMARY KEY, value INTEGER)")
             while True:
                 conn.execute("BEGIN IMMEDIATE")  # two processes must not both migrate
