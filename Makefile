@@ -28,6 +28,9 @@ lint: setup
 bench: setup  ## Corral against Ray and AutoGen, in one run
 	$(PY) -m pip install -q -e ".[bench]" --config-settings editable_mode=compat
 	$(PY) -m bench.run
+	$(PY) -m bench.policy_bench
+	$(PY) -m bench.audit_bench
+	$(PY) -m bench.guard_bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

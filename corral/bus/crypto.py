@@ -28,26 +28,23 @@ a crash can only over-count, never under-count), rotates to a new key at ``rotat
 
 Files: keys are written atomically (temp file in the same folder, fsync, rename) with mode
 0600, key folders are 0700, and a key file readable by group or others is refused (like
-ssh does) rather than trusted. Cross-process updates are serialised with ``flock``.
+ssh does) rather than trusted. Cross-process updates are serialised with ``flock``. These
+file rules live in ``corral.keyfile``, shared with the audit key.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import fcntl
-import hashlib
 import json
 import logging
 import math
 import os
 import re
 import struct
-import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +56,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from corral.errors import BusError, MessageRejected
+from corral.errors import BusError, CorralError, MessageRejected
+from corral.keyfile import (
+    Stamp,
+    corrupt,
+    file_stamp,
+    flock,
+    key_id_of,
+    private_dir,
+    read_secret,
+    write_atomic,
+)
 
 __all__ = [
     "CANONICAL_PREFIX",
@@ -104,11 +111,6 @@ _AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # ---------------------------------------------------------------------------- helpers
 
 
-def key_id_of(public_key: bytes) -> str:
-    """Key id of a raw Ed25519 public key: first 16 hex chars of its SHA-256."""
-    return hashlib.sha256(public_key).hexdigest()[:16]
-
-
 def _check_agent(agent: str) -> str:
     if not isinstance(agent, str) or not _AGENT_NAME.fullmatch(agent):
         raise ValueError(f"invalid agent name {agent!r}: expected letters, digits, '.', '_' "
@@ -116,83 +118,13 @@ def _check_agent(agent: str) -> str:
     return agent
 
 
-def _private_dir(path: Path) -> None:
-    """Create ``path`` (and parents) and make it 0700: only the owner may list or enter it."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)  # mkdir's mode is masked by umask, and the folder may pre-exist
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600 so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # The rename is durable only once the folder entry is on disk.
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
-_Stamp = tuple[int, int, int]
-
-
-def _stamp(st: os.stat_result) -> _Stamp:
-    # Atomic replace gives a new inode, so this changes on every write by anyone.
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-def _read_secret(path: Path) -> tuple[dict[str, Any], _Stamp] | None:
+def _read_secret(path: Path) -> tuple[dict[str, Any], Stamp] | None:
     """Parse a key file; None if missing; BusError if others can read it or it is corrupt."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise BusError(f"can't open key file {path}: {exc}",
-                       hint="key files must be regular files, not symlinks") from exc
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if st.st_mode & 0o077:
-            raise BusError(f"key file {path} is accessible by other users "
-                           f"(mode {oct(st.st_mode & 0o777)}); refusing to use it",
-                           hint=f"chmod 600 {path}, and rotate its keys if others may have read them")
-        raw = f.read()
-    try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise BusError(f"key file {path} is not valid JSON: {exc}",
-                       hint="restore it from a backup; keys can't be recovered from a broken file") from exc
-    if not isinstance(doc, dict) or doc.get("version") != 1:
-        raise BusError(f"key file {path} has an unknown format",
-                       hint="it was written by a newer Corral, or it is not a Corral key file")
-    return doc, _stamp(st)
+    return read_secret(path, BusError)
 
 
-@contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    """Exclusive cross-process lock on ``path`` (created 0600), released on close."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _corrupt(path: Path, what: str) -> BusError:
-    return BusError(f"key file {path} is corrupt: {what}",
-                    hint="restore it from a backup; keys can't be recovered from a broken file")
+def _corrupt(path: Path, what: str) -> CorralError:
+    return corrupt(path, what, BusError)
 
 
 # -------------------------------------------------------------------------- canonical
@@ -284,7 +216,7 @@ class _AgentRecord:
     origin: str
     public: dict[str, bytes]
     signer: SigningKey | None = None
-    stamp: _Stamp = (0, 0, 0)
+    stamp: Stamp = (0, 0, 0)
     verifiers: dict[str, Ed25519PublicKey] = field(default_factory=dict)
 
     def copy(self) -> _AgentRecord:
@@ -315,7 +247,7 @@ class AgentKeys:
 
     def __init__(self, dir: Path) -> None:
         self.dir = Path(dir)
-        _private_dir(self.dir)
+        private_dir(self.dir)
         self._lockfile = self.dir / ".lock"
         self._lock = threading.RLock()
         self._cache: dict[str, _AgentRecord] = {}
@@ -328,7 +260,7 @@ class AgentKeys:
         with self._lock:
             rec = self._record(agent)
             if rec is None:
-                with _flock(self._lockfile):
+                with flock(self._lockfile):
                     rec = self._record(agent)  # another process may have just created it
                     if rec is None:
                         rec = _AgentRecord(agent, "local", {})
@@ -376,7 +308,7 @@ class AgentKeys:
     def rotate(self, agent: str) -> str:
         """Give the agent a new signing key; old public keys stay for verification."""
         _check_agent(agent)
-        with self._lock, _flock(self._lockfile):
+        with self._lock, flock(self._lockfile):
             old = self._record(agent)
             rec = old.copy() if old is not None else _AgentRecord(agent, "local", {})
             if rec.origin != "local":
@@ -389,7 +321,7 @@ class AgentKeys:
     def revoke(self, agent: str, key_id: str) -> None:
         """Forget one old public key: messages signed with it stop verifying."""
         _check_agent(agent)
-        with self._lock, _flock(self._lockfile):
+        with self._lock, flock(self._lockfile):
             old = self._record(agent)
             if old is None or key_id not in old.public:
                 raise KeyError(f"agent {agent!r} has no key {key_id!r}")
@@ -413,7 +345,7 @@ class AgentKeys:
             raise ValueError(f"key id {key_id!r} does not match the public key "
                              f"(its id is {key_id_of(pub)})")
         Ed25519PublicKey.from_public_bytes(pub)  # refuse bytes that are not a key now, not later
-        with self._lock, _flock(self._lockfile):
+        with self._lock, flock(self._lockfile):
             rec = self._record(agent)
             if rec is not None and key_id in rec.public:
                 return
@@ -445,8 +377,8 @@ class AgentKeys:
             rec.public[signer.key_id] = signer.public_key
         rec.signer = signer
         path = self.dir / f"{rec.agent}.json"
-        _write_atomic(path, rec.to_json())
-        rec.stamp = _stamp(os.stat(path))
+        write_atomic(path, rec.to_json())
+        rec.stamp = file_stamp(os.stat(path))
         rec.verifiers = {kid: Ed25519PublicKey.from_public_bytes(p) for kid, p in rec.public.items()}
         self._cache[rec.agent] = rec
 
@@ -454,7 +386,7 @@ class AgentKeys:
         """The agent's keys, re-read when another instance or process changed the file."""
         path = self.dir / f"{agent}.json"
         try:
-            stamp = _stamp(os.stat(path))
+            stamp = file_stamp(os.stat(path))
         except FileNotFoundError:
             self._cache.pop(agent, None)
             return None
@@ -571,17 +503,17 @@ class Keyring:
         self.auto_rotate = auto_rotate
         self.reserve_block = reserve_block
         if not self.path.parent.exists():
-            _private_dir(self.path.parent)
+            private_dir(self.path.parent)
         self._lockfile = self.path.with_name(f".{self.path.name}.lock")
         self._lock = threading.RLock()
         self._keys: dict[str, _DataKey] = {}
         self._current = ""
-        self._stamp: _Stamp = (0, 0, 0)
+        self._stamp: Stamp = (0, 0, 0)
         # Encryptions this instance may still do under self._budget_id without touching disk.
         self._budget_id = ""
         self._left = 0
         self._warned: set[str] = set()
-        with self._lock, _flock(self._lockfile):
+        with self._lock, flock(self._lockfile):
             if not self._load():
                 self._add_key()
                 self._save()
@@ -603,7 +535,7 @@ class Keyring:
 
     def rotate(self) -> str:
         """Make a new key current; old keys still decrypt until retired. Returns the new id."""
-        with self._lock, _flock(self._lockfile):
+        with self._lock, flock(self._lockfile):
             self._load()
             kid = self._add_key()
             self._save()
@@ -612,7 +544,7 @@ class Keyring:
 
     def retire(self, key_id: str) -> None:
         """Destroy a non-current key: what it encrypted can no longer be decrypted."""
-        with self._lock, _flock(self._lockfile):
+        with self._lock, flock(self._lockfile):
             self._load()
             if key_id not in self._keys:
                 raise KeyError(f"keyring {self.path} has no key {key_id!r}")
@@ -654,7 +586,7 @@ class Keyring:
 
     def _reserve(self) -> None:
         """Claim the next block of the current key's nonce budget in the file (locks held)."""
-        with _flock(self._lockfile):
+        with flock(self._lockfile):
             self._load()
             kid = self._current
             key = self._keys[kid]
@@ -687,7 +619,7 @@ class Keyring:
 
     def _refresh(self) -> None:
         try:
-            stamp = _stamp(os.stat(self.path))
+            stamp = file_stamp(os.stat(self.path))
         except FileNotFoundError:
             return
         if stamp != self._stamp:
@@ -722,5 +654,5 @@ class Keyring:
         doc = {"version": 1, "current": self._current, "keys": {
             kid: {"key": base64.b64encode(k.key).decode(), "created": k.created, "used": k.used}
             for kid, k in self._keys.items()}}
-        _write_atomic(self.path, json.dumps(doc, indent=1).encode())
-        self._stamp = _stamp(os.stat(self.path))
+        write_atomic(self.path, json.dumps(doc, indent=1).encode())
+        self._stamp = file_stamp(os.stat(self.path))

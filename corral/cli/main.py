@@ -138,6 +138,10 @@ def _show(output: Output, value: Any, table: Callable[[], None]) -> None:
 def up(
     file: Annotated[list[Path] | None, typer.Option(
         "-f", "--file", help="Manifest file or folder to apply at start (repeatable).")] = None,
+    policy: Annotated[list[Path] | None, typer.Option(
+        "--policy", help=".cedar file or folder in force from the start (repeatable).")] = None,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Deny whatever no policy permits.")] = False,
     home: HomeOpt = None,
     output: OutputOpt = Output.table,
 ) -> None:
@@ -152,15 +156,17 @@ def up(
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    raise typer.Exit(asyncio.run(_up(_home(home), manifests, output)))
+    settings = {"policy_paths": [p.resolve() for p in policy or []], "policy_strict": strict}
+    raise typer.Exit(asyncio.run(_up(_home(home), manifests, output, settings)))
 
 
-async def _up(home: Path, manifests: list[AgentManifest], output: Output) -> int:
+async def _up(home: Path, manifests: list[Any], output: Output,
+              settings: dict[str, Any] | None = None) -> int:
     """Serve until SIGINT/SIGTERM, then shut down (bounded by shutdown_grace); the exit code."""
     from corral.runtime.control import ControlServer  # the runtime is heavy; only `up` needs it
     from corral.runtime.runtime import Runtime
 
-    rt = Runtime(home=home)
+    rt = Runtime(home=home, **(settings or {}))
     server = ControlServer(rt)
     server.bind()  # before the store opens: a second runtime on one home must not start agents
     stop, ready = asyncio.Event(), asyncio.Event()
@@ -175,7 +181,7 @@ async def _up(home: Path, manifests: list[AgentManifest], output: Output) -> int
         nonlocal code
         try:
             for r in await rt.apply(manifests, wait=True, timeout=_UP_APPLY_TIMEOUT):
-                log.info("agent/%s %s", r["agent"], r["action"])
+                log.info("%s %s", _applied(r), r["action"])
         except TimeoutError:
             log.error("not every agent was ready within %gs; see `corral get agents`",
                       _UP_APPLY_TIMEOUT)
@@ -254,7 +260,7 @@ def apply(
 
     def lines() -> None:
         for r in result:
-            out.print(f"agent/{r['agent']} {r['action']}", markup=False, highlight=False)
+            out.print(f"{_applied(r)} {r['action']}", markup=False, highlight=False)
     _show(output, result, lines)
 
 
@@ -518,6 +524,163 @@ def delete(
 def _done(output: Output, name: str, what: str) -> None:
     _show(output, {"agent": name, "action": what},
           lambda: out.print(f"agent/{name} {what}", markup=False, highlight=False))
+
+
+def _applied(r: dict[str, str]) -> str:
+    return f"agent/{r['agent']}" if "agent" in r else f"policy/{r['policy']}"
+
+
+# ====================================================================== policy
+
+policy_app = typer.Typer(name="policy", no_args_is_help=True,
+                         help="Cedar policies: check files, evaluate a request, list, reload.")
+app.add_typer(policy_app)
+
+
+@policy_app.command("check")
+@_command
+def policy_check(
+    files: Annotated[list[Path], typer.Argument(help=".cedar files, folders or Policy manifests.")],
+    strict: Annotated[bool, typer.Option(help="Check as strict mode loads them.")] = False,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Validate policies against Corral's schema; errors name file, line and column."""
+    from corral.runtime.runtime import Runtime
+
+    infos = Runtime.check_policy_files([str(f) for f in files], strict=strict)
+    mine = [i for i in infos if not str(i["source"]).startswith("<built-in")]
+    _show(output, mine, lambda: out.print(f"ok: {len(mine)} polic{'y' if len(mine) == 1 else 'ies'} "
+                                          "valid", markup=False, highlight=False))
+
+
+@policy_app.command("eval")
+@_command
+def policy_eval(
+    principal: Annotated[str, typer.Option("--principal", "-p", help="e.g. agent:summarizer, user:client.")],
+    action: Annotated[str, typer.Option("--action", "-a", help="e.g. topic.publish.")],
+    resource: Annotated[str, typer.Option("--resource", "-r", help="e.g. topic:news.eu.")],
+    context: Annotated[str, typer.Option("--context", "-c", help="JSON object.")] = "{}",
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Decide one request with the policies in force; print the decision and who decided."""
+    try:
+        ctx = json.loads(context)
+    except ValueError as exc:
+        raise SpecError(f"--context is not JSON: {exc}", path="context", got=context,
+                        expected='a JSON object like {"payloadSize": 10}') from None
+    d = _client(home).call("policy.eval", principal=principal, action=action,
+                           resource=resource, context=ctx)
+
+    def show() -> None:
+        render.show(out, render.kv_table([
+            ("Decision", d["decision"].upper()), ("Principal", d["principal"]),
+            ("Action", d["action"]), ("Resource", d["resource"]),
+            ("Decided by", ", ".join(d["policies"]) or "no policy (strict: denied by default)"),
+            ("Errors", "; ".join(d["errors"]) or None)]))
+    _show(output, d, show)
+    if d["decision"] != "allow":
+        raise typer.Exit(2)
+
+
+@policy_app.command("ls")
+@_command
+def policy_ls(home: HomeOpt = None, output: OutputOpt = Output.table) -> None:
+    """The policies in force."""
+    rows = _client(home).call("policy.ls")
+    _show(output, rows, lambda: render.show(out, render.table(
+        ["ID", "EFFECT", "SOURCE", "LINE"],
+        [[r["id"], r.get("effect", ""), r["source"], r.get("line", "")] for r in rows])))
+
+
+@policy_app.command("reload")
+@_command
+def policy_reload(home: HomeOpt = None, output: OutputOpt = Output.table) -> None:
+    """Re-read policy files and applied Policy manifests, without a restart (all or nothing)."""
+    res = _client(home).call("policy.reload")
+    _show(output, res, lambda: out.print(
+        f"reloaded: {res['policies']} policies from {res['sources']} source(s), "
+        f"generation {res['generation']}", markup=False, highlight=False))
+
+
+@app.command()
+@_command
+def resume(name: Annotated[str, typer.Argument(help="Agent name.")], home: HomeOpt = None) -> None:
+    """Re-check a Suspended agent against the policies now; it resumes if they allow."""
+    left = _client(home).call("resume", name=name)["still_suspended"]
+    out.print("resumed" if left == 0 else f"{left} instance(s) still suspended by policy",
+              markup=False, highlight=False)
+
+
+@app.command()
+@_command
+def override(name: Annotated[str, typer.Argument(help="Agent name.")], home: HomeOpt = None) -> None:
+    """End a Suspended agent's suspension by terminating it (recorded as an override)."""
+    _client(home).call("override", name=name)
+    out.print(f"agent/{name} terminated (override)", markup=False, highlight=False)
+
+
+# ====================================================================== audit
+
+audit_app = typer.Typer(name="audit", no_args_is_help=True,
+                        help="The audit trail: verify, query, export (docs/audit-format.md).")
+app.add_typer(audit_app)
+
+
+@audit_app.command("verify")
+@_command
+def audit_verify(
+    anchor: Annotated[str | None, typer.Option(help="SEQ:HASH published earlier: detects truncation.")] = None,
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Check every record's hash chain and every seal's signature; exit 1 if tampered."""
+    r = _client(home, timeout=600).call("audit.verify", anchor=anchor)
+
+    def show() -> None:
+        if r["ok"]:
+            out.print(f"ok: {r['records']} records, {r['seals']} seals verified; "
+                      f"{r['unsealed_tail']} not yet sealed", markup=False, highlight=False)
+            out.print(f"anchor: {r['head_seq']}:{r['head_hash']}", markup=False, highlight=False)
+        else:
+            out.print(f"TAMPERED: record {r['first_bad_seq']}: {r['reason']}", markup=False,
+                      highlight=False)
+    _show(output, r, show)
+    if not r["ok"]:
+        raise typer.Exit(1)
+
+
+@audit_app.command("query")
+@_command
+def audit_query(
+    agent: Annotated[str | None, typer.Option(help="Only this agent.")] = None,
+    action: Annotated[str | None, typer.Option(help="Record kind, e.g. policy.decision or message.*.")] = None,
+    since: Annotated[float | None, typer.Option(help="Unix time.")] = None,
+    until: Annotated[float | None, typer.Option(help="Unix time.")] = None,
+    outcome: Annotated[str | None, typer.Option(help="e.g. deny, allow, ok.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Audit records filtered by agent, action, time and outcome."""
+    rows = _client(home).call("audit.query", agent=agent, action=action, since=since,
+                              until=until, outcome=outcome, limit=limit)
+    _show(output, rows, lambda: render.show(out, render.table(
+        ["SEQ", "TIME", "KIND", "ACTOR", "AGENT", "RESOURCE", "OUTCOME"],
+        [[r["seq"], render.timestamp(r["ts"] / 1e6 if r.get("ts") else None), r["kind"], r.get("actor", ""),
+          r.get("agent", ""), r.get("resource", ""), r.get("outcome", "")] for r in rows])))
+
+
+@audit_app.command("export")
+@_command
+def audit_export(
+    path: Annotated[Path, typer.Argument(help="Where to write the JSON Lines export.")],
+    home: HomeOpt = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Write the trail and its public keys as JSON Lines (verify with examples/audit_verify.py)."""
+    res = _client(home, timeout=600).call("audit.export", path=str(path.resolve()))
+    _show(output, res, lambda: out.print(f"wrote {path}: {res}", markup=False, highlight=False))
 
 
 # ====================================================================== dead letters

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import os
 import time
@@ -72,6 +73,16 @@ class AgentController:
         if not self.python_path and self.spec.entrypoint:
             self.python_path = [base]
         self.cwd = os.path.normpath(os.path.join(base, self.spec.workdir or "."))
+
+
+    @functools.cached_property
+    def entity(self) -> Any:
+        """This agent as a Cedar entity (namespace, labels, tier, priority), built once."""
+        from corral.policy.entities import agent
+
+        m = self.manifest
+        return agent(self.name, namespace=m.namespace, labels=dict(m.metadata.labels),
+                     isolation=self.spec.isolation, priority=self.spec.priority)
 
     def subscriptions(self) -> list[SubscriptionSpec]:
         """Manifest subscriptions, then those made at run time."""

@@ -51,6 +51,25 @@ class RuntimeConfig:
     #: Limits and security of the bus: message size, per-sender rate, encrypted subjects.
     bus_config: BusConfig = field(default_factory=BusConfig)
 
+    #: Cedar policy files or folders of .cedar files, loaded at start and by `policy reload`
+    #: (with the `kind: Policy` manifests applied). See docs/policy.md.
+    policy_paths: list[Path] = field(default_factory=list)
+    #: Strict: denied unless a policy permits. Otherwise allowed unless a policy forbids.
+    policy_strict: bool = False
+    #: The hash-chained, signed audit trail in CORRAL_HOME/audit.db. Off only for
+    #: comparisons (the bench); a runtime without it records nothing it did.
+    audit: bool = True
+    #: Record allowed policy decisions too (denials are always recorded).
+    audit_allows: bool = False
+    #: Seal the trail every N records or T seconds, whichever comes first.
+    audit_seal_every: int = 1000
+    audit_seal_interval: float = 1.0
+
+    @property
+    def audit_path(self) -> Path:
+        """The audit trail's SQLite database."""
+        return self.home / "audit.db"
+
     @property
     def store_path(self) -> Path:
         """The SQLite database."""

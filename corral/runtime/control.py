@@ -25,6 +25,7 @@ import msgspec
 from pydantic import ValidationError
 
 from corral.errors import AgentUnavailable, ControlError, CorralError, SpecError
+from corral.spec.loader import KINDS
 from corral.spec.models import AgentManifest
 from corral.store.records import LogRecord
 
@@ -114,6 +115,30 @@ class _Nothing(msgspec.Struct):
 
 class _Trust(msgspec.Struct):
     keys: Any
+
+
+class _PolicyEval(msgspec.Struct):
+    principal: str
+    action: str
+    resource: str
+    context: dict[str, Any] = {}
+
+
+class _AuditQuery(msgspec.Struct):
+    agent: str | None = None
+    action: str | None = None
+    since: float | None = None
+    until: float | None = None
+    outcome: str | None = None
+    limit: int = 100
+
+
+class _AuditVerify(msgspec.Struct):
+    anchor: str | None = None
+
+
+class _Path(msgspec.Struct):
+    path: str
 
 
 class _Task(msgspec.Struct):
@@ -217,13 +242,14 @@ async def _race(*coros: Coroutine[Any, Any, None]) -> None:
             t.cancel()
 
 
-def _manifest(m: _ManifestIn) -> AgentManifest:
+def _manifest(m: _ManifestIn) -> Any:
     if not os.path.isabs(m.base_dir):
         raise SpecError("base_dir must be absolute (the runtime has its own working folder)",
                         file=m.source or None, path="base_dir", got=m.base_dir,
                         expected="an absolute path")
     try:
-        return AgentManifest.from_dict(m.manifest).with_origin(m.source, m.base_dir)
+        model = KINDS.get(str(m.manifest.get("kind")), AgentManifest)
+        return model.from_dict(m.manifest).with_origin(m.source, m.base_dir)
     except ValidationError as exc:
         problems = [SpecError(e["msg"], file=m.source or None,
                               path=".".join(str(p) for p in e["loc"]) or None)
@@ -443,6 +469,34 @@ class ControlServer:
     async def _keys_trust(self, a: _Trust, conn: _Conn, rid: Any) -> Any:
         return {"trusted": self.rt.trust_keys(a.keys)}
 
+    async def _policy_ls(self, a: _Nothing, conn: _Conn, rid: Any) -> Any:
+        return self.rt.policies()
+
+    async def _policy_eval(self, a: _PolicyEval, conn: _Conn, rid: Any) -> Any:
+        return self.rt.eval_policy(a.principal, a.action, a.resource, a.context)
+
+    async def _policy_reload(self, a: _Nothing, conn: _Conn, rid: Any) -> Any:
+        return await self.rt.reload_policies()
+
+    async def _policy_delete(self, a: _Name, conn: _Conn, rid: Any) -> Any:
+        await self.rt.delete_policy(a.name)
+
+    async def _audit_verify(self, a: _AuditVerify, conn: _Conn, rid: Any) -> Any:
+        return await self.rt.verify_audit(a.anchor)
+
+    async def _audit_query(self, a: _AuditQuery, conn: _Conn, rid: Any) -> Any:
+        return await self.rt.query_audit(agent=a.agent, action=a.action, since=a.since,
+                                         until=a.until, outcome=a.outcome, limit=a.limit)
+
+    async def _audit_export(self, a: _Path, conn: _Conn, rid: Any) -> Any:
+        return await self.rt.export_audit(a.path)
+
+    async def _resume(self, a: _Name, conn: _Conn, rid: Any) -> Any:
+        return {"still_suspended": await self.rt.resume(a.name)}
+
+    async def _override(self, a: _Name, conn: _Conn, rid: Any) -> Any:
+        await self.rt.override(a.name)
+
     async def _task(self, a: _Task, conn: _Conn, rid: Any) -> Any:
         rec = await self.rt.task(a.id)
         if rec is None:
@@ -545,6 +599,15 @@ _OPS: dict[str, tuple[type[msgspec.Struct], Handler]] = {
     "broadcast": (_Broadcast, ControlServer._broadcast),
     "keys.rotate": (_Nothing, ControlServer._keys_rotate),
     "keys.export": (_Nothing, ControlServer._keys_export),
+    "policy.ls": (_Nothing, ControlServer._policy_ls),
+    "policy.eval": (_PolicyEval, ControlServer._policy_eval),
+    "policy.reload": (_Nothing, ControlServer._policy_reload),
+    "policy.delete": (_Name, ControlServer._policy_delete),
+    "audit.verify": (_AuditVerify, ControlServer._audit_verify),
+    "audit.query": (_AuditQuery, ControlServer._audit_query),
+    "audit.export": (_Path, ControlServer._audit_export),
+    "resume": (_Name, ControlServer._resume),
+    "override": (_Name, ControlServer._override),
     "keys.trust": (_Trust, ControlServer._keys_trust),
     "task": (_Task, ControlServer._task),
     "scale": (_Scale, ControlServer._scale),

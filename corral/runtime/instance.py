@@ -27,7 +27,14 @@ from corral.core.lifecycle import (
     Wait,
     apply,
 )
-from corral.errors import AgentUnavailable, CorralError, HandlerNotFound, LimitExceeded, TaskTimeout
+from corral.errors import (
+    AgentUnavailable,
+    CorralError,
+    HandlerNotFound,
+    LimitExceeded,
+    PolicyDenied,
+    TaskTimeout,
+)
 from corral.sandbox.base import Channel, ExitInfo
 from corral.wire.messages import (
     Broadcast,
@@ -101,6 +108,8 @@ class Instance:
         #: Loop time of the last sign of work (Ready, or a task finishing): for idleTimeout.
         self.last_active = 0.0
         self._shutdown_sent = False
+        #: The request a policy denied, while Suspended: re-checked when policies change.
+        self.violation: tuple[Any, ...] | None = None
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -108,9 +117,11 @@ class Instance:
         """Move the lifecycle by one event and record it (IllegalTransition changes nothing)."""
         old = self.state
         self.state = apply(old, event)
-        self.rt.store.append_event(self.agent.name, "instance.transition", {
-            "instance": self.name, "event": type(event).__name__, "from": old.value,
-            "to": self.state.value, "reason": event.reason})
+        data = {"instance": self.name, "event": type(event).__name__, "from": old.value,
+                "to": self.state.value, "reason": event.reason}
+        self.rt.store.append_event(self.agent.name, "instance.transition", data)
+        self.rt.guard.note("lifecycle", actor="runtime", agent=self.agent.name,
+                           resource=self.name, outcome=self.state.value, data=data)
         self.agent.on_transition(self, old)
 
     @property
@@ -155,6 +166,12 @@ class Instance:
         self._timer = loop.call_later(self.agent.spec.health.start_timeout, self._start_overdue)
         try:
             channel = await self.agent.launch(self)
+        except PolicyDenied as exc:
+            # Not a crash to retry: it stays refused until the policy changes and it is scaled.
+            self.rt.log(self.agent.name, self.name, "error", f"not started: {exc}")
+            self._give_up = f"policy: {exc.message}"
+            self.on_closed(ExitInfo("init_failed", None, str(exc)))
+            return
         except CorralError as exc:
             self.rt.log(self.agent.name, self.name, "error", f"could not start: {exc}")
             self.on_closed(ExitInfo("init_failed", None, str(exc)))
@@ -420,6 +437,9 @@ class Instance:
             payload = await self.rt.request(msg.to, msg.payload, handler=msg.handler,
                                             timeout=msg.timeout, sender=self.agent.name)
             reply = _reply(msg.id, True, payload)
+        except PolicyDenied as exc:
+            reply = _reply_error(msg.id, exc)
+            self.rt.suspend(self, exc)  # from Waiting too: the finally then leaves it Suspended
         except CorralError as exc:
             reply = _reply_error(msg.id, exc)
         finally:

@@ -38,6 +38,7 @@ from corral.errors import (
     Backpressure,
     CorralError,
     MessageRejected,
+    PolicyDenied,
     SandboxUnavailable,
     SpecError,
     StoreError,
@@ -45,6 +46,7 @@ from corral.errors import (
 from corral.runtime.agent import AgentController
 from corral.runtime.config import RuntimeConfig
 from corral.runtime.dlq import DeadLetters
+from corral.runtime.guard import Guard, payload_facts
 from corral.runtime.instance import IDLE_LINGER, Instance
 from corral.runtime.projection import Projection
 from corral.runtime.scheduler import Scheduler
@@ -57,7 +59,8 @@ from corral.sandbox.inproc import InprocLauncher
 from corral.sandbox.process import ProcessLauncher
 from corral.sandbox.zygote_client import Zygote
 from corral.spec.loader import load_paths, validate_set
-from corral.spec.models import AgentManifest, SubscriptionSpec
+from corral.spec.models import AgentManifest, Manifest, SubscriptionSpec
+from corral.spec.policy import PolicyManifest
 from corral.store.records import LogRecord, TaskRecord
 from corral.store.sqlite import SQLiteStore
 from corral.wire.messages import Schedule, Send
@@ -117,6 +120,12 @@ class Runtime:
         self.sealer: PayloadSealer | None = None
         #: agent -> subject -> its competing fetchers
         self._consumers: dict[str, dict[str, list[asyncio.Task[None]]]] = {}
+        from corral.policy.engine import PolicyEngine
+
+        self.guard = Guard(PolicyEngine(strict=cfg.policy_strict), None,
+                           audit_allows=cfg.audit_allows, spawn=self._spawn_quiet)
+        #: `kind: Policy` manifests applied, by "namespace/name".
+        self.policy_manifests: dict[str, PolicyManifest] = {}
 
     # ================================================================ lifecycle of the runtime
 
@@ -129,6 +138,7 @@ class Runtime:
         self._tg = asyncio.TaskGroup()
         await self._tg.__aenter__()
         try:
+            await self._open_guard()
             await self._open_bus()
             if self.config.use_cgroups:
                 self.cgroup_support = await asyncio.to_thread(detect)
@@ -163,6 +173,8 @@ class Runtime:
                     await self.zygote.close()
                     if self.bus is not None:
                         await self.bus.backend.aclose()
+                    if self.guard.audit is not None:
+                        await self.guard.audit.close()
                     await self.store.close()
                 finally:
                     if self._gc_before is not None:
@@ -187,6 +199,50 @@ class Runtime:
             coro.close()
             raise CorralError("the runtime is not running", hint="use `async with Runtime() as rt:`")
         self._tg.create_task(coro)
+
+    async def _open_guard(self) -> None:
+        cfg = self.config
+        if cfg.audit:
+            from corral.audit.log import AuditLog
+
+            audit = AuditLog(cfg.audit_path, cfg.keys_dir / "audit",
+                             seal_every=cfg.audit_seal_every, seal_interval=cfg.audit_seal_interval,
+                             synchronous=cfg.synchronous)
+            await audit.open()
+            self.guard.audit = audit
+        for ev in await self.store.events(kinds=["policy.applied", "policy.deleted"]):
+            if ev.kind == "policy.applied":
+                m = PolicyManifest.from_dict(ev.data["manifest"]).with_origin(
+                    ev.data.get("source", ""), ev.data.get("base_dir", "."))
+                self.policy_manifests[m.key] = m
+            elif ev.kind == "policy.deleted":
+                self.policy_manifests.pop(ev.data["key"], None)
+        await asyncio.to_thread(self.guard.load, self._policy_sources())
+        await self.guard.record("runtime.started", actor="runtime",
+                                data={"home": str(cfg.home), "policies": len(self.guard.sources),
+                                      "strict": cfg.policy_strict, "bus": cfg.bus})
+
+    def _policy_sources(self, manifests: Sequence[PolicyManifest] | None = None) -> list[Any]:
+        from corral.policy.sources import from_manifests, read_paths
+
+        sources: list[Any] = list(read_paths(self.config.policy_paths)) if self.config.policy_paths else []
+        sources += from_manifests(self.policy_manifests.values() if manifests is None else manifests)
+        return sources
+
+    def _spawn_quiet(self, coro: Coroutine[Any, Any, None]) -> None:
+        if self._tg is None:
+            coro.close()
+            return
+        self._tg.create_task(coro)
+
+    def entity(self, name: str) -> Any:
+        """The Cedar entity acting as ``name``: an applied agent, or a user (client, scheduler)."""
+        ctl = self.agents.get(name)
+        if ctl is not None:
+            return ctl.entity
+        from corral.policy.entities import user
+
+        return user(name)
 
     async def _open_bus(self) -> None:
         cfg = self.config
@@ -248,14 +304,17 @@ class Runtime:
 
     # ================================================================ apply
 
-    async def apply(self, manifests: Sequence[AgentManifest] | Sequence[str | Path],
-                    *, wait: bool = False, timeout: float | None = None) -> list[dict[str, str]]:
-        """Create or update agents; an invalid set applies nothing. Returns per-agent outcomes."""
+    async def apply(self, manifests: Sequence[Manifest] | Sequence[str | Path],
+                    *, wait: bool = False, timeout: float | None = None,
+                    caller: str = "client") -> list[dict[str, str]]:
+        """Create or update agents and policies; an invalid or denied set applies nothing."""
         self._check_open()
-        items: list[AgentManifest] = (
-            load_paths(manifests) if manifests and not isinstance(manifests[0], AgentManifest)  # type: ignore[arg-type]
+        loaded: list[Manifest] = (
+            load_paths(manifests) if manifests and not isinstance(manifests[0], Manifest)  # type: ignore[arg-type]
             else list(manifests))  # type: ignore[arg-type]
-        problems = validate_set(items) + [p for m in items for p in self._check(m)]
+        policies = [m for m in loaded if isinstance(m, PolicyManifest)]
+        items = [m for m in loaded if isinstance(m, AgentManifest)]
+        problems = validate_set(loaded) + [p for m in items for p in self._check(m)]
         seen: dict[str, AgentManifest] = {}
         for m in items:
             first = seen.setdefault(m.name, m)
@@ -266,7 +325,8 @@ class Runtime:
                     expected="a name unique across namespaces (agents are addressed by name)"))
         if problems:
             raise SpecError("invalid manifests", problems=problems)
-        outcomes: list[dict[str, str]] = []
+        # Policies first: the agents of the same set are judged by them.
+        outcomes: list[dict[str, str]] = await self._apply_policies(policies, caller)
         changed: list[AgentManifest] = []
         for m in items:
             old = self.agents.get(m.name)
@@ -276,9 +336,14 @@ class Runtime:
                 continue
             changed.append(m)
             outcomes.append({"agent": m.name, "action": "configured" if old else "created"})
+        for m in changed:  # every check before any change: a denial applies nothing
+            await self._authorize_agent(m, caller)
         for m in changed:
             old = self.agents.get(m.name)
             gen = old.generation + 1 if old else 1
+            await self.guard.record("agent.apply", actor=str(self.entity(caller)), agent=m.name,
+                                    outcome="configured" if old else "created",
+                                    data={"generation": gen, "source": m.source})
             self.store.append_event(m.name, "agent.applied", {
                 "manifest": m.to_dict(), "base_dir": m.base_dir, "source": m.source,
                 "generation": gen})
@@ -300,6 +365,218 @@ class Runtime:
         if wait:
             await self.wait_ready([m.name for m in changed], timeout=timeout)
         return outcomes
+
+    async def _authorize_agent(self, m: AgentManifest, caller: str) -> None:
+        from corral.policy.entities import agent, namespace, topic
+
+        spec, who = m.spec, self.entity(caller)
+        me = agent(m.name, namespace=m.namespace, labels=dict(m.metadata.labels),
+                   isolation=spec.isolation, priority=spec.priority)
+        await self.guard.authorize(who, "agent.create", me, agent=m.name)
+        await self.guard.authorize(me, "resource.allocate", namespace(m.namespace),
+                                   _allocation(m), agent=m.name)
+        for s in spec.subscriptions:
+            await self.guard.authorize(me, "topic.subscribe",
+                                       topic(s.subject, namespace=m.namespace), agent=m.name)
+
+    async def _apply_policies(self, policies: list[PolicyManifest],
+                              caller: str) -> list[dict[str, str]]:
+        if not policies:
+            return []
+        merged = dict(self.policy_manifests)
+        outcomes = []
+        for m in policies:
+            old = merged.get(m.key)
+            same = old is not None and old.to_dict() == m.to_dict()
+            outcomes.append({"policy": m.key,
+                             "action": "unchanged" if same else "configured" if old else "created"})
+            merged[m.key] = m
+        if all(o["action"] == "unchanged" for o in outcomes):
+            return outcomes
+        # Validated and swapped in whole: PolicyInvalid leaves the policies in force as they were.
+        await asyncio.to_thread(self.guard.load, self._policy_sources(list(merged.values())))
+        for m in policies:
+            self.store.append_event("", "policy.applied", {
+                "manifest": m.to_dict(), "base_dir": m.base_dir, "source": m.source})
+        await self.store.commit()
+        self.policy_manifests = merged
+        await self.guard.record("policy.apply", actor=str(self.entity(caller)),
+                                data={"policies": [m.key for m in policies],
+                                      "generation": self.guard.policy.generation})
+        self._recheck_suspended()
+        return outcomes
+
+    async def reload_policies(self, *, caller: str = "client") -> dict[str, Any]:
+        """Re-read the policy files and applied Policy manifests; all or nothing."""
+        sources = await asyncio.to_thread(self._policy_sources)
+        await asyncio.to_thread(self.guard.load, sources)
+        await self.guard.record("policy.reload", actor=str(self.entity(caller)),
+                                data={"sources": [s.name for s in sources],
+                                      "generation": self.guard.policy.generation})
+        self._recheck_suspended()
+        return {"sources": len(sources), "policies": len(self.guard.policy.policies()),
+                "generation": self.guard.policy.generation}
+
+    async def delete_policy(self, key: str, *, caller: str = "client") -> None:
+        """Remove an applied Policy manifest ("namespace/name" or "name" in default)."""
+        key = key if "/" in key else f"default/{key}"
+        if key not in self.policy_manifests:
+            raise SpecError(f"no Policy {key!r} is applied", path="name", got=key,
+                            expected=f"one of {sorted(self.policy_manifests)}")
+        rest = {k: m for k, m in self.policy_manifests.items() if k != key}
+        await asyncio.to_thread(self.guard.load, self._policy_sources(list(rest.values())))
+        self.store.append_event("", "policy.deleted", {"key": key})
+        await self.store.commit()
+        self.policy_manifests = rest
+        await self.guard.record("policy.delete", actor=str(self.entity(caller)), resource=key)
+        self._recheck_suspended()
+
+    def policies(self) -> builtins.list[dict[str, Any]]:
+        """The policies in force: id, effect, source and line."""
+        return [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(p)  # type: ignore[arg-type]
+                for p in self.guard.policy.policies()]
+
+    def eval_policy(self, principal: str, action: str, resource: str,
+                    context: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Decide one request as the hooks would; principal/resource like agent:x, topic:news.eu."""
+        p, r = self._parse_entity(principal, "principal"), self._parse_entity(resource, "resource")
+        d = self.guard.policy.check(p, action, r, context or {})
+        return {"principal": str(p), "action": action, "resource": str(r),
+                "decision": "allow" if d.allowed else "deny", "policies": list(d.policies),
+                "errors": list(d.errors), "strict": self.guard.policy.strict}
+
+    def _parse_entity(self, text: str, what: str) -> Any:
+        from corral.policy import entities as E
+
+        kind, sep, ident = text.partition(":")
+        kind = kind.strip().lower()
+        ident = ident.strip().strip('"')
+        if kind.endswith(":"):  # Agent::"x"
+            kind = kind.rstrip(":")
+            ident = ident.lstrip(":").strip('"')
+        if not sep or not ident:
+            raise SpecError(f"can't read the {what} {text!r}", path=what, got=text,
+                            expected="type:id, e.g. agent:summarizer, user:client, "
+                                     "topic:news.eu, tool:time/now, namespace:research")
+        if kind == "agent":
+            return self.entity(ident) if ident in self.agents else E.agent(ident)
+        if kind == "user":
+            return E.user(ident)
+        if kind == "topic":
+            return E.topic(ident)
+        if kind == "tool":
+            server, _, name = ident.partition("/")
+            return E.tool(server, name or server)
+        if kind == "namespace":
+            return E.namespace(ident)
+        raise SpecError(f"unknown entity type {kind!r} in the {what}", path=what, got=text,
+                        expected="agent, user, topic, tool or namespace")
+
+    @staticmethod
+    def check_policy_files(paths: Sequence[str | Path], *, strict: bool = False) -> builtins.list[dict[str, Any]]:
+        """Parse and validate .cedar files (or Policy manifests) against the schema, offline."""
+        from corral.policy.engine import PolicyEngine
+        from corral.policy.sources import PolicySource, from_manifests, read_paths
+
+        sources: list[PolicySource] = []
+        cedar = [p for p in paths if str(p).endswith(".cedar") or (Path(p).is_dir()
+                 and not any(Path(p).glob("*.y*ml")))]
+        yaml_files = [p for p in paths if p not in cedar]
+        if cedar:
+            sources += read_paths(cedar)
+        if yaml_files:
+            sources += from_manifests(m for m in load_paths(yaml_files)
+                                      if isinstance(m, PolicyManifest))
+        engine = PolicyEngine(strict=strict)
+        engine.load(sources)
+        return [dataclasses.asdict(p) for p in engine.policies()]  # type: ignore[call-overload]
+
+    # ================================================================ audit
+
+    def _audit(self) -> Any:
+        if self.guard.audit is None:
+            from corral.errors import AuditUnavailable
+
+            raise AuditUnavailable("this runtime runs without an audit trail (audit=False)",
+                                   hint="start it with the audit trail on (the default)")
+        return self.guard.audit
+
+    async def verify_audit(self, anchor: str | None = None) -> dict[str, Any]:
+        """Verify the whole trail (and truncation against ``anchor``, "SEQ:HASH")."""
+        audit = self._audit()
+        pin: tuple[int, str] | None = None
+        if anchor:
+            seq, _, digest = anchor.partition(":")
+            if not seq.isdigit() or len(digest) != 64:
+                raise SpecError("can't read the anchor", path="anchor", got=anchor,
+                                expected="SEQ:HASH as printed by `corral audit verify`")
+            pin = (int(seq), digest)
+        await audit.flush()
+        report = await audit.verify(pin)
+        return dict(report.to_dict())
+
+    async def query_audit(self, **filters: Any) -> builtins.list[dict[str, Any]]:
+        """Audit records filtered by agent, action, time and outcome, oldest first."""
+        audit = self._audit()
+        await audit.flush()
+        rows: builtins.list[dict[str, Any]] = await audit.query(**filters)
+        return rows
+
+    async def export_audit(self, path: str) -> dict[str, Any]:
+        """Write the trail as JSON Lines with the public keys (see docs/audit-format.md)."""
+        audit = self._audit()
+        await self.guard.record("audit.export", actor="User::\"client\"", resource=path)
+        await audit.flush()
+        res: dict[str, Any] = await audit.export(path)
+        return res
+
+    # ================================================================ suspension
+
+    def suspend(self, inst: Instance, exc: PolicyDenied) -> None:
+        """A run-time violation: the instance takes no new work until the policy allows again."""
+        from corral.core.lifecycle import Violation
+
+        if inst.state not in (State.READY, State.RUNNING, State.WAITING):
+            return
+        inst.violation = getattr(exc, "request", None)
+        inst.transition(Violation(exc.message))
+        self.log(inst.agent.name, inst.name, "error", f"suspended: {exc.message}")
+
+    def _recheck_suspended(self) -> None:
+        from corral.core.lifecycle import Allowed
+
+        for ctl in self.agents.values():
+            for inst in ctl.instances.values():
+                if inst.state is not State.SUSPENDED:
+                    continue
+                req = getattr(inst, "violation", None)
+                decision = self.guard.decide(*req) if req else None
+                if decision is None or decision.allowed:
+                    inst.violation = None
+                    inst.transition(Allowed("the policy allows it now"))
+                    inst.idle_since = asyncio.get_running_loop().time()
+                    ctl.on_task_done(inst)  # dispatch what waited
+
+    async def resume(self, name: str, *, caller: str = "client") -> int:
+        """Re-check suspended instances of ``name`` now; returns how many still are."""
+        self._agent(name)
+        self._recheck_suspended()
+        left = sum(1 for i in self.agents[name].instances.values() if i.state is State.SUSPENDED)
+        await self.guard.record("agent.resume", actor=str(self.entity(caller)), agent=name,
+                                data={"still_suspended": left})
+        return left
+
+    async def override(self, name: str, *, caller: str = "client") -> None:
+        """An operator's override of a suspension: the agent's suspended instances end."""
+        from corral.core.lifecycle import Override
+
+        ctl = self._agent(name)
+        await self.guard.authorize(self.entity(caller), "agent.terminate", ctl.entity, agent=name)
+        for inst in ctl.instances.values():
+            if inst.state is State.SUSPENDED:
+                inst.transition(Override(f"override by {caller}"))
+        await self.guard.record("agent.override", actor=str(self.entity(caller)), agent=name)
+        await self.stop(name, caller=caller)
 
     def _check(self, m: AgentManifest) -> list[SpecError]:
         """Runtime-level checks: can this machine run the manifest as written?"""
@@ -414,6 +691,8 @@ class Runtime:
         """Send a task and wait for its result; raises TaskFailed, TaskTimeout, ..."""
         prio = self._priority(priority, Priority.NORMAL) if priority else None
         ctl = self._agent(name)
+        if kind != "publish":  # a topic delivery was checked when it was published
+            await self._guard_message(sender, "agent.request", ctl.entity, name, payload)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         work = Work(next(self._ids), handler, payload, sender, kind,
                     prio if prio is not None else ctl.priority,
@@ -430,6 +709,7 @@ class Runtime:
         """Queue a one-way task durably (it survives a crash of the runtime); returns its id."""
         chosen = self._priority(priority, Priority.NORMAL) if priority else None
         ctl = self._agent(name)
+        await self._guard_message(sender, "message.send", ctl.entity, name, payload)
         if len(ctl.mailbox) >= ctl.mailbox.maxsize:
             raise Backpressure(f"mailbox of {name!r} is full ({ctl.mailbox.maxsize} tasks)")
         prio = chosen if chosen is not None else ctl.priority
@@ -456,10 +736,29 @@ class Runtime:
         """Publish to a topic as ``sender``; returns the message id."""
         self._check_open()
         assert self.bus is not None
+        from corral.policy.entities import topic
+
+        ctl = self.agents.get(sender)
+        await self._guard_message(sender, "topic.publish", topic(
+            subject, namespace=ctl.manifest.namespace if ctl else "default"), subject, payload)
         env = await self.bus.publish(sender, subject, payload, guarantee=guarantee, ttl=ttl,
                                      idempotency_key=idempotency_key, headers=headers,
                                      sign=self.signing)
         return env.id
+
+    async def _guard_message(self, sender: str, action: str, resource: Any, target: str,
+                             payload: Any) -> None:
+        """The policy check and audit record of one message, before it moves (fail closed)."""
+        guard = self.guard
+        if guard.idle:
+            return
+        size, digest = payload_facts(payload)
+        who = self.entity(sender)
+        await guard.authorize(who, action, resource, {"payloadSize": size}, agent=sender
+                              if sender in self.agents else target)
+        await guard.record(action, actor=str(who), agent=sender if sender in self.agents else "",
+                           resource=str(resource),
+                           data={"payload_sha256": digest, "payload_size": size})
 
     @property
     def signing(self) -> bool:
@@ -524,6 +823,8 @@ class Runtime:
             await self.publish(msg.subject, msg.payload, sender=inst.agent.name,
                                guarantee=msg.guarantee, ttl=msg.ttl,
                                idempotency_key=msg.idempotency_key, headers=dict(msg.headers))
+        except PolicyDenied as exc:
+            self.suspend(inst, exc)
         except CorralError as exc:
             self.log(inst.agent.name, inst.name, "error", f"publish to {msg.subject!r} failed: {exc}")
 
@@ -612,6 +913,12 @@ class Runtime:
         ctl = self._agent(name)
         if s.subject in {x.subject for x in ctl.subscriptions()}:
             return
+        from corral.policy.entities import topic
+
+        await self.guard.authorize(ctl.entity, "topic.subscribe",
+                                   topic(s.subject, namespace=ctl.manifest.namespace), agent=name)
+        await self.guard.record("topic.subscribe", actor=str(ctl.entity), agent=name,
+                                resource=s.subject)
         # Open it first: once it shows as subscribed, every later publish reaches it.
         if self.bus is not None:
             await self._open_subscription(ctl, s)
@@ -645,6 +952,8 @@ class Runtime:
             spec = SubscriptionSpec(subject=msg.subject, handler=msg.handler,
                                     ack_wait=msg.ack_wait, guarantee=msg.guarantee or None)
             await self.add_subscription(inst.agent.name, spec)
+        except PolicyDenied as exc:
+            self.suspend(inst, exc)
         except (ValueError, CorralError) as exc:
             self.log(inst.agent.name, inst.name, "error", f"subscribe to {msg.subject!r} failed: {exc}")
 
@@ -698,6 +1007,8 @@ class Runtime:
         try:
             self.check_outbound(inst.agent.name, msg.payload)
             await self.send(msg.to, msg.payload, handler=msg.handler, sender=inst.agent.name)
+        except PolicyDenied as exc:
+            self.suspend(inst, exc)
         except CorralError as exc:
             self.log(inst.agent.name, inst.name, "error", f"send to {msg.to!r} failed: {exc}")
 
@@ -730,6 +1041,8 @@ class Runtime:
             raise SpecError("replicas out of range", path="replicas", got=replicas,
                             expected="0..10000")
         ctl = self._agent(name)
+        await self.guard.record("agent.scale", actor="User::\"client\"", agent=name,
+                                data={"replicas": replicas})
         ctl.replicas, ctl.stopped, ctl.gave_up = replicas, False, None
         if ctl.group is not None:
             ctl.group.gave_up = None
@@ -747,18 +1060,23 @@ class Runtime:
         else:
             self._subscribe(ctl)
 
-    async def stop(self, name: str) -> None:
+    async def stop(self, name: str, *, caller: str = "client") -> None:
         """Stop every instance; the agent stays applied (scale it to start again)."""
         ctl = self._agent(name)
+        await self.guard.authorize(self.entity(caller), "agent.terminate", ctl.entity, agent=name)
+        await self.guard.record("agent.stop", actor=str(self.entity(caller)), agent=name)
         ctl.stopped = True
         self.pause_subscriptions(name)
         self.store.append_event(name, "agent.stopped", {})
         await self.store.commit()
         await ctl.stop_all("stopped")
 
-    async def delete(self, name: str, *, purge: bool = False) -> None:
+    async def delete(self, name: str, *, purge: bool = False, caller: str = "client") -> None:
         """Stop and remove an agent; ``purge`` also drops its persistent memory."""
         ctl = self._agent(name)
+        await self.guard.authorize(self.entity(caller), "agent.terminate", ctl.entity, agent=name)
+        await self.guard.record("agent.delete", actor=str(self.entity(caller)), agent=name,
+                                data={"purge": purge})
         await self._remove_controller(ctl, "deleted")
         if self.bus is not None:
             for s in ctl.subscriptions():
@@ -877,6 +1195,10 @@ class Runtime:
             "avg_task_ms": round(t / done * 1000, 3) if done else None,
             "uptime_s": round(time.time() - self.counters.started_at, 1),
             "store": self.store.stats,
+            "policy": {"policies": len(self.guard.sources), "strict": self.guard.policy.strict,
+                       "denials": self.guard.denials,
+                       "generation": self.guard.policy.generation},
+            "audit": dict(self.guard.audit.stats) if self.guard.audit is not None else None,
             "bus": {"backend": self.config.bus,
                     "delivered": sum(self.bus.delivered.values()) if self.bus else 0,
                     "rejected": dict(self.bus.rejected) if self.bus else {},
@@ -919,8 +1241,16 @@ class Runtime:
     # ================================================================ launching
 
     async def launch(self, ctl: AgentController, inst: Instance) -> Channel:
-        """Start one incarnation of ``inst`` in its agent's tier."""
+        """Start one incarnation of ``inst`` in its agent's tier, once the policy allows it."""
         spec = ctl.spec
+        if not self.guard.idle:
+            from corral.policy.entities import namespace
+
+            ctx = _allocation(ctl.manifest)
+            await self.guard.authorize(ctl.entity, "resource.allocate",
+                                       namespace(ctl.manifest.namespace), ctx, agent=ctl.name)
+            await self.guard.record("resource.allocate", actor=str(ctl.entity), agent=ctl.name,
+                                    resource=inst.name, data={**ctx, "tier": spec.isolation})
         if spec.isolation == "inproc":
             assert self._inproc is not None
             return await self._inproc.launch(instance=inst.name, sink=inst, limits=ctl.limits)
@@ -973,6 +1303,16 @@ class Runtime:
 
 
 _PAYLOAD_SIZE = msgspec.msgpack.Encoder().encode
+
+
+
+def _allocation(m: AgentManifest) -> dict[str, int]:
+    """resource.allocate's context: the memory limit in bytes (0: none) and cpu in millicores."""
+    res = m.spec.resources
+    ctx = {"memoryBytes": int(res.memory or 0)}
+    if res.cpu is not None:
+        ctx["cpuMillis"] = round(float(res.cpu) * 1000)
+    return ctx
 
 
 def _subscription_name(agent: str, subject: str) -> str:

@@ -18,6 +18,7 @@ from corral.spec.models import (
     ScheduleSpec,
     ToolSpec,
 )
+from corral.spec.policy import PolicyManifest, PolicySpec
 from corral.spec.quantity import (
     format_duration,
     format_memory,
@@ -38,6 +39,8 @@ __all__ = [
     "Manifest",
     "Memory",
     "Metadata",
+    "PolicyManifest",
+    "PolicySpec",
     "Resources",
     "Restart",
     "ScheduleSpec",

@@ -23,6 +23,9 @@ from pydantic_core import ErrorDetails
 
 from corral.errors import SpecError
 from corral.spec.models import KINDS, AgentManifest, FieldProblem, Manifest
+from corral.spec.policy import PolicyManifest
+
+KINDS.setdefault("Policy", PolicyManifest)  # models.py can't import it: policy.py imports models
 
 __all__ = ["MAX_FILE_SIZE", "load_paths", "load_text", "validate_set"]
 

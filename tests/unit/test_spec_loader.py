@@ -167,8 +167,8 @@ def test_load_paths_relative_source(tmp_path: Path, monkeypatch: pytest.MonkeyPa
          "metadata.name", None, "a string"),
         (HELLO.replace("metadata: {name: hello}", "metadata: [hello]"), "metadata",
          ["hello"], "a mapping"),
-        (HELLO.replace("kind: Agent", "kind: Foo"), "kind", "Foo", "one of: Agent"),
-        (HELLO.replace("kind: Agent\n", ""), "kind", None, "one of: Agent"),
+        (HELLO.replace("kind: Agent", "kind: Foo"), "kind", "Foo", "one of: Agent, Policy"),
+        (HELLO.replace("kind: Agent\n", ""), "kind", None, "one of: Agent, Policy"),
     ],
 )
 def test_error_shapes(text: str, path: str, got: Any, expected: str) -> None:
@@ -191,13 +191,13 @@ def test_unknown_field_suggests_the_closest_name() -> None:
 
 def test_unknown_kind_message() -> None:
     problem = only_problem(HELLO.replace("kind: Agent", "kind: Foo"))
-    assert "kind 'Foo' is not supported; expected one of: Agent" in problem.describe()
+    assert "kind 'Foo' is not supported; expected one of: Agent, Policy" in problem.describe()
 
 
 def test_missing_api_version_and_kind() -> None:
     problems = problems_of("metadata: {name: a}\nspec: {}\n")
     assert [(p.path, p.expected) for p in problems] == [("apiVersion", "'corral/v1'"),
-                                                         ("kind", "one of: Agent")]
+                                                         ("kind", "one of: Agent, Policy")]
 
 
 @pytest.mark.parametrize("doc", ["- a\n- b\n", "just a string\n", "42\n"])

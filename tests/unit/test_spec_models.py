@@ -107,7 +107,11 @@ def test_with_origin_leaves_the_original_alone() -> None:
 
 
 def test_kinds() -> None:
-    assert list(KINDS) == ["Agent"] and KINDS["Agent"] is AgentManifest
+    import corral.spec.loader  # noqa: F401  (registers kind: Policy)
+    from corral.spec.policy import PolicyManifest
+
+    assert list(KINDS) == ["Agent", "Policy"] and KINDS["Agent"] is AgentManifest
+    assert KINDS["Policy"] is PolicyManifest
 
 
 @pytest.mark.parametrize("name", ["a", "my-agent", "a1", "1a", "x" * 63])
