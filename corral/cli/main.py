@@ -542,6 +542,7 @@ app.add_typer(policy_app)
 def policy_check(
     files: Annotated[list[Path], typer.Argument(help=".cedar files, folders or Policy manifests.")],
     strict: Annotated[bool, typer.Option(help="Check as strict mode loads them.")] = False,
+    home: HomeOpt = None,  # accepted like everywhere; checking needs no runtime
     output: OutputOpt = Output.table,
 ) -> None:
     """Validate policies against Corral's schema; errors name file, line and column."""

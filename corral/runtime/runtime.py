@@ -525,7 +525,7 @@ class Runtime:
     async def export_audit(self, path: str) -> dict[str, Any]:
         """Write the trail as JSON Lines with the public keys (see docs/audit-format.md)."""
         audit = self._audit()
-        await self.guard.record("audit.export", actor="User::\"client\"", resource=path)
+        await self.guard.record("trail.export", actor="User::\"client\"", resource=path)
         await audit.flush()
         res: dict[str, Any] = await audit.export(path)
         return res
