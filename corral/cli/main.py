@@ -25,7 +25,7 @@ from corral.errors import CorralError, SpecError
 from corral.runtime.config import RuntimeConfig, default_home
 
 if TYPE_CHECKING:
-    from corral.spec.models import AgentManifest
+    pass
 
 __all__ = ["app", "error_text", "main"]
 

@@ -276,6 +276,33 @@ def test_keys_export_and_trust(up: Up, tmp_path: Path) -> None:
     assert "trusted 1 key(s)" in ok(up, "keys", "trust", str(path))
 
 
+def test_policy_and_audit_commands(up: Up, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.cedar"
+    bad.write_text('permit (principal, action == Action::"topic.publsh", resource);\n')
+    r = corral(up, "policy", "check", str(bad))
+    assert r.returncode == 1 and "bad.cedar" in r.stderr and "Traceback" not in r.stderr
+    assert "1:" in r.stderr or "line 1" in r.stderr, r.stderr
+    good = tmp_path / "policy.yaml"
+    good.write_text("apiVersion: corral/v1\nkind: Policy\nmetadata: {name: quiet}\nspec:\n"
+                    '  policy: forbid (principal, action == Action::"topic.publish", '
+                    'resource == Topic::"secret.x");\n')
+    assert "ok: 1 policy valid" in ok(up, "policy", "check", str(good))
+    assert "policy/default/quiet created" in ok(up, "apply", "-f", str(good))
+    d = corral(up, "policy", "eval", "-p", "user:client", "-a", "topic.publish",
+               "-r", "topic:secret.x", "-c", '{"payloadSize": 3}', "-o", "json")
+    assert d.returncode == 2 and json.loads(d.stdout)["policies"] == ["Policy/default/quiet:1"]
+    denied = corral(up, "publish", "secret.x", "1")
+    assert denied.returncode == 1 and "forbidden by policy" in denied.stderr
+    assert json.loads(ok(up, "audit", "verify", "-o", "json"))["ok"] is True
+    rows = json.loads(ok(up, "audit", "query", "--outcome", "deny", "-o", "json"))
+    assert any(r["data"]["action"] == "topic.publish" for r in rows)
+    export = tmp_path / "trail.jsonl"
+    ok(up, "audit", "export", str(export))
+    v = subprocess.run([sys.executable, str(ROOT / "examples" / "audit_verify.py"), str(export)],
+                       capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
 def test_delete(up: Up) -> None:
     assert "agent/hello deleted" in ok(up, "delete", "hello")
     assert json.loads(ok(up, "get", "agents", "-o", "json")) == []
@@ -316,29 +343,3 @@ def test_sigint_stops_up_cleanly(up: Up) -> None:
     assert not leftovers
     assert "Traceback" not in up.output()
 
-
-def test_policy_and_audit_commands(up: Up, tmp_path: Path) -> None:
-    bad = tmp_path / "bad.cedar"
-    bad.write_text('permit (principal, action == Action::"topic.publsh", resource);\n')
-    r = corral(up, "policy", "check", str(bad))
-    assert r.returncode == 1 and "bad.cedar" in r.stderr and "Traceback" not in r.stderr
-    assert "1:" in r.stderr or "line 1" in r.stderr, r.stderr
-    good = tmp_path / "policy.yaml"
-    good.write_text("apiVersion: corral/v1\nkind: Policy\nmetadata: {name: quiet}\nspec:\n"
-                    '  policy: forbid (principal, action == Action::"topic.publish", '
-                    'resource == Topic::"secret.x");\n')
-    assert "ok: 1 policy valid" in ok(up, "policy", "check", str(good))
-    assert "policy/default/quiet created" in ok(up, "apply", "-f", str(good))
-    d = corral(up, "policy", "eval", "-p", "user:client", "-a", "topic.publish",
-               "-r", "topic:secret.x", "-c", '{"payloadSize": 3}', "-o", "json")
-    assert d.returncode == 2 and json.loads(d.stdout)["policies"] == ["Policy/default/quiet:1"]
-    denied = corral(up, "publish", "secret.x", "1")
-    assert denied.returncode == 1 and "forbidden by policy" in denied.stderr
-    assert json.loads(ok(up, "audit", "verify", "-o", "json"))["ok"] is True
-    rows = json.loads(ok(up, "audit", "query", "--outcome", "deny", "-o", "json"))
-    assert any(r["data"]["action"] == "topic.publish" for r in rows)
-    export = tmp_path / "trail.jsonl"
-    ok(up, "audit", "export", str(export))
-    v = subprocess.run([sys.executable, str(ROOT / "examples" / "audit_verify.py"), str(export)],
-                       capture_output=True, text=True, timeout=60)
-    assert v.returncode == 0, v.stdout + v.stderr
