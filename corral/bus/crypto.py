@@ -335,16 +335,22 @@ class AgentKeys:
                 (self.dir / f"{agent}.json").unlink()
                 self._cache.pop(agent, None)
 
-    def trust(self, agent: str, key_id: str, public_key: bytes | str) -> None:
-        """Accept a remote node's public key (raw bytes or hex) for ``agent``."""
+    @staticmethod
+    def trustable(agent: str, key_id: str, public_key: bytes | str) -> bytes:
+        """The raw key if ``public_key`` (raw or hex) is an Ed25519 key with id ``key_id``."""
         _check_agent(agent)
         pub = bytes.fromhex(public_key) if isinstance(public_key, str) else bytes(public_key)
         if len(pub) != 32:
             raise ValueError(f"an Ed25519 public key is 32 bytes, got {len(pub)}")
         if key_id_of(pub) != key_id:
             raise ValueError(f"key id {key_id!r} does not match the public key "
-                             f"(its id is {key_id_of(pub)})")
+                             f"(its key id is {key_id_of(pub)})")
         Ed25519PublicKey.from_public_bytes(pub)  # refuse bytes that are not a key now, not later
+        return pub
+
+    def trust(self, agent: str, key_id: str, public_key: bytes | str) -> None:
+        """Accept a remote node's public key (raw bytes or hex) for ``agent``."""
+        pub = self.trustable(agent, key_id, public_key)
         with self._lock, flock(self._lockfile):
             rec = self._record(agent)
             if rec is not None and key_id in rec.public:

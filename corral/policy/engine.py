@@ -186,6 +186,12 @@ class PolicyEngine:
         decision = self.check(principal, action, resource, context)
         if decision.allowed:
             return decision
+        raise self.denial(principal, action, resource, decision)
+
+    @staticmethod
+    def denial(principal: Entity, action: str, resource: Entity,
+               decision: Decision) -> PolicyDenied:
+        """The PolicyDenied for a denying ``decision``: why, and what to do about it."""
         ids = ", ".join(decision.policies)
         if decision.errors:
             why = f"policy evaluation failed, so it is denied to be safe: {decision.errors[0]}"
@@ -197,6 +203,6 @@ class PolicyEngine:
         else:
             why = "no policy permits it, and strict mode denies by default"
             hint = f"add a permit policy for {action} (see docs/policy.md)"
-        raise PolicyDenied(f"{principal} may not {action} {resource}: {why}", action=action,
-                           principal=str(principal), resource=str(resource),
-                           policies=list(decision.policies), hint=hint)
+        return PolicyDenied(f"{principal} may not {action} {resource}: {why}", action=action,
+                            principal=str(principal), resource=str(resource),
+                            policies=list(decision.policies), hint=hint)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from corral.errors import AuditError, PolicyDenied
+from corral.errors import AuditError
 
 if TYPE_CHECKING:
     from corral.audit.log import AuditLog
@@ -89,12 +89,7 @@ class Guard:
                           data={"action": action, "policies": list(decision.policies),
                                 "errors": list(decision.errors)})
         if not decision.allowed:
-            try:
-                self.policy.authorize(principal, action, resource, context)
-                exc = PolicyDenied(f"{principal} may not {action} {resource}", action=action,
-                                   principal=str(principal), resource=str(resource))
-            except PolicyDenied as denied:
-                exc = denied
+            exc = self.policy.denial(principal, action, resource, decision)
             exc.request = (principal, action, resource, context)  # type: ignore[attr-defined]
             raise exc
 

@@ -433,8 +433,7 @@ class Runtime:
 
     def policies(self) -> builtins.list[dict[str, Any]]:
         """The policies in force: id, effect, source and line."""
-        return [dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(p)  # type: ignore[arg-type]
-                for p in self.guard.policy.policies()]
+        return [dataclasses.asdict(p) for p in self.guard.policy.policies()]
 
     def eval_policy(self, principal: str, action: str, resource: str,
                     context: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -450,10 +449,7 @@ class Runtime:
 
         kind, sep, ident = text.partition(":")
         kind = kind.strip().lower()
-        ident = ident.strip().strip('"')
-        if kind.endswith(":"):  # Agent::"x"
-            kind = kind.rstrip(":")
-            ident = ident.lstrip(":").strip('"')
+        ident = ident.lstrip(":").strip().strip('"')  # agent:x and Cedar's Agent::"x" alike
         if not sep or not ident:
             raise SpecError(f"can't read the {what} {text!r}", path=what, got=text,
                             expected="type:id, e.g. agent:summarizer, user:client, "
@@ -522,10 +518,10 @@ class Runtime:
         rows: builtins.list[dict[str, Any]] = await audit.query(**filters)
         return rows
 
-    async def export_audit(self, path: str) -> dict[str, Any]:
+    async def export_audit(self, path: str, *, caller: str = "client") -> dict[str, Any]:
         """Write the trail as JSON Lines with the public keys (see docs/audit-format.md)."""
         audit = self._audit()
-        await self.guard.record("trail.export", actor="User::\"client\"", resource=path)
+        await self.guard.record("trail.export", actor=str(self.entity(caller)), resource=path)
         await audit.flush()
         res: dict[str, Any] = await audit.export(path)
         return res
@@ -782,24 +778,19 @@ class Runtime:
         if not isinstance(keys, dict):
             raise SpecError("keys must be a mapping agent -> {key_id: public_key_hex}",
                             path="keys", got=type(keys).__name__, expected="`corral keys export` output")
-        from corral.bus.crypto import key_id_of
-
-        local = self.bus.signer.export_public()
+        signer = self.bus.signer
+        local = signer.export_public()
         problems: list[SpecError] = []
         checked: list[tuple[str, str, str]] = []
         for agent, pubs in keys.items():
             for kid, pub in (pubs.items() if isinstance(pubs, dict) else [("?", pubs)]):
                 why = ""
                 try:
-                    raw = bytes.fromhex(pub)
-                except (TypeError, ValueError):
-                    why = "not hex"
+                    signer.trustable(agent, kid, pub)
+                except (TypeError, ValueError) as exc:
+                    why = str(exc)
                 else:
-                    if len(raw) != 32:
-                        why = f"{len(raw)} bytes, not 32"
-                    elif key_id_of(raw) != kid:
-                        why = f"its key id is {key_id_of(raw)}, not {kid}"
-                    elif agent in local:
+                    if agent in local:
                         why = "that agent runs on this node; a remote key could forge it"
                 if why:
                     problems.append(SpecError(f"key {kid} of {agent!r}: {why}",
@@ -1035,13 +1026,13 @@ class Runtime:
 
     # ================================================================ control
 
-    async def scale(self, name: str, replicas: int) -> None:
+    async def scale(self, name: str, replicas: int, *, caller: str = "client") -> None:
         """Set the number of replicas (0 stops the agent but keeps it applied)."""
         if not 0 <= replicas <= 10_000:
             raise SpecError("replicas out of range", path="replicas", got=replicas,
                             expected="0..10000")
         ctl = self._agent(name)
-        await self.guard.record("agent.scale", actor="User::\"client\"", agent=name,
+        await self.guard.record("agent.scale", actor=str(self.entity(caller)), agent=name,
                                 data={"replicas": replicas})
         ctl.replicas, ctl.stopped, ctl.gave_up = replicas, False, None
         if ctl.group is not None:

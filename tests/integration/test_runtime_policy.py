@@ -213,3 +213,11 @@ async def test_an_unwritable_trail_refuses_the_action(rt: Runtime) -> None:
     await audit._run_in_writer(lambda c: c.execute("PRAGMA max_page_count = 1073741823"))
     assert (await rt.request("echo", "ok", handler="echo"))["echo"] == "ok"
     assert (await rt.verify_audit())["ok"]
+
+
+async def test_eval_reads_entities_in_short_and_cedar_form(rt: Runtime) -> None:
+    await rt.apply([policy("quiet", 'forbid (principal, action == Action::"topic.publish", '
+                           'resource == Topic::"secret.x");')])
+    for resource in ("topic:secret.x", 'Topic::"secret.x"'):
+        d = rt.eval_policy("user:client", "topic.publish", resource, {"payloadSize": 1})
+        assert d["resource"] == 'Topic::"secret.x"' and d["decision"] == "deny"
