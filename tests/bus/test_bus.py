@@ -31,8 +31,11 @@ class Letters:
 
 
 async def run_consumer(bus: Bus, name: str, filt: str, handler: Any, **kw: Any) -> asyncio.Task[None]:
+    # Create the durable subscription first, so it exists before anything is published
+    # however slowly the consumer task starts (a sleep here raced on a loaded machine).
+    await (await bus.backend.subscribe(name, filt, ack_wait=kw.get("ack_wait", 30.0))).close()
     task = asyncio.ensure_future(bus.consume(name, filt, handler, **kw))
-    await asyncio.sleep(0.3)  # the subscription exists before we publish
+    await asyncio.sleep(0.05)  # let it start fetching
     return task
 
 
